@@ -1,0 +1,263 @@
+"""The typer layer: parse options, call the engine and the plain modules, map errors to exit
+codes. No logic lives here. Every option has a PGOOM_* environment variable."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from watcher import __version__
+from watcher.config import (
+    DEFAULT_INTERVAL_S,
+    DEFAULT_LOG_FILE,
+    DEFAULT_VERIFY_INTERVAL_S,
+    make_settings,
+)
+from watcher.errors import PgoomError
+from watcher.match import DEFAULT_SCORE
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Keep the PostgreSQL postmaster out of the OOM killer's reach.",
+    pretty_exceptions_enable=False,
+)
+
+
+def _env_list(values: Optional[list[str]], name: str, sep: str) -> list[str]:
+    """Repeatable options take their env var as a list with an explicit separator: click's
+    whitespace split would cut a regex such as 'postgres -D /pgdata/pg' apart."""
+    if values:
+        return list(values)
+    raw = os.environ.get(name, "")
+    return [item for item in raw.split(sep) if item.strip()]
+
+
+def _fail(err: PgoomError) -> None:
+    typer.echo(f"pgoom: {err}", err=True)
+    raise typer.Exit(err.exit_code)
+
+
+Score = Annotated[
+    int,
+    typer.Option(
+        "--score", envvar="PGOOM_SCORE", help="oom_score_adj for postmasters (-1000..1000)."
+    ),
+]
+Patterns = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--pattern",
+        help="Regex on the command line of a postmaster (repeatable). "
+        "Env: PGOOM_PATTERN, one pattern per line. Default: 'postgres -D /pgdata/pg'.",
+    ),
+]
+DataDirs = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--data-dir",
+        help="A data directory to protect and watch (repeatable). "
+        "Env: PGOOM_DATA_DIR, colon-separated.",
+    ),
+]
+ChildrenScore = Annotated[
+    Optional[int],
+    typer.Option(
+        "--children-score",
+        envvar="PGOOM_CHILDREN_SCORE",
+        help="Also set each new child of a protected postmaster to this score.",
+    ),
+]
+
+
+@app.command()
+def watch(
+    source: Annotated[
+        str, typer.Option("--source", envvar="PGOOM_SOURCE", help="auto|netlink|inotify|poll")
+    ] = "auto",
+    score: Score = DEFAULT_SCORE,
+    pattern: Patterns = None,
+    data_dir: DataDirs = None,
+    interval: Annotated[
+        float,
+        typer.Option(
+            "--interval",
+            envvar="PGOOM_INTERVAL",
+            help="Seconds between scans (poll source; child scans without netlink).",
+        ),
+    ] = DEFAULT_INTERVAL_S,
+    verify_interval: Annotated[
+        float,
+        typer.Option(
+            "--verify-interval",
+            envvar="PGOOM_VERIFY_INTERVAL",
+            help="Seconds between checks that protected postmasters kept their score.",
+        ),
+    ] = DEFAULT_VERIFY_INTERVAL_S,
+    children_score: ChildrenScore = None,
+    all_postmasters: Annotated[
+        bool,
+        typer.Option(
+            "--all",
+            envvar="PGOOM_ALL",
+            help="Protect every verified postmaster, whatever its command line.",
+        ),
+    ] = False,
+    log_file: Annotated[
+        str, typer.Option("--log-file", envvar="PGOOM_LOG_FILE", help="Log file ('' for none).")
+    ] = DEFAULT_LOG_FILE,
+    log_json: Annotated[
+        bool, typer.Option("--log-json", envvar="PGOOM_LOG_JSON", help="Log JSON lines.")
+    ] = False,
+    log_level: Annotated[str, typer.Option("--log-level", envvar="PGOOM_LOG_LEVEL")] = "INFO",
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", envvar="PGOOM_DRY_RUN", help="Log what would change; write nothing."
+        ),
+    ] = False,
+    rcvbuf: Annotated[
+        int,
+        typer.Option("--rcvbuf", envvar="PGOOM_RCVBUF", help="Netlink receive buffer in bytes."),
+    ] = 32 << 20,
+) -> None:
+    """Protect postmasters as they start, and keep them protected."""
+    from watcher.watch import run_watch
+
+    try:
+        settings = make_settings(
+            patterns=_env_list(pattern, "PGOOM_PATTERN", "\n"),
+            data_dirs=_env_list(data_dir, "PGOOM_DATA_DIR", ":"),
+            score=score,
+            children_score=children_score,
+            source=source,
+            interval_s=interval,
+            verify_interval_s=verify_interval,
+            match_all=all_postmasters,
+            log_file=log_file or None,
+            log_json=log_json,
+            log_level=log_level.upper(),
+            dry_run=dry_run,
+            rcvbuf_bytes=rcvbuf,
+        )
+        run_watch(settings)
+    except PgoomError as err:
+        _fail(err)
+
+
+@app.command()
+def adjust(
+    pid: Annotated[int, typer.Argument(help="The postmaster's PID.")],
+    score: Score = DEFAULT_SCORE,
+    force: Annotated[bool, typer.Option("--force", help="Skip the identity checks.")] = False,
+) -> None:
+    """Set one process's oom_score_adj once (like choom), after the identity checks."""
+    from watcher.oneshot import adjust_once
+
+    try:
+        typer.echo(adjust_once(pid, score, force))
+    except PgoomError as err:
+        _fail(err)
+
+
+@app.command()
+def status(
+    json_output: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
+    pattern: Patterns = None,
+    score: Score = DEFAULT_SCORE,
+) -> None:
+    """Show postgres processes, their roles and scores, and whether postmasters are protected."""
+    from watcher.status import render, snapshot
+
+    try:
+        rows = snapshot(_env_list(pattern, "PGOOM_PATTERN", "\n"), score)
+    except PgoomError as err:
+        _fail(err)
+    typer.echo(render(rows, json_output))
+
+
+@app.command()
+def doctor(
+    json_output: Annotated[bool, typer.Option("--json", help="JSON instead of text.")] = False,
+    score: Score = DEFAULT_SCORE,
+) -> None:
+    """Check this host or container: kernel, namespaces, capabilities, floors, cgroups."""
+    from watcher.doctor import render, run_checks, worst_exit_code
+
+    results = run_checks(score)
+    typer.echo(render(results, json_output))
+    raise typer.Exit(worst_exit_code(results))
+
+
+@app.command()
+def verify(
+    score: Score = DEFAULT_SCORE,
+    pattern: Patterns = None,
+    data_dir: DataDirs = None,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            "--timeout", envvar="PGOOM_VERIFY_TIMEOUT", help="Seconds to wait for protection."
+        ),
+    ] = 10.0,
+    json_output: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
+) -> None:
+    """Exit 0 when every postmaster is at or below --score within --timeout."""
+    from watcher.verify import verify_postmasters
+
+    try:
+        code, text = verify_postmasters(
+            _env_list(pattern, "PGOOM_PATTERN", "\n"),
+            _env_list(data_dir, "PGOOM_DATA_DIR", ":"),
+            score,
+            timeout,
+            json_output,
+        )
+    except PgoomError as err:
+        _fail(err)
+    typer.echo(text, err=code != 0 and not json_output)
+    raise typer.Exit(code)
+
+
+@app.command(
+    name="exec",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def exec_(ctx: typer.Context) -> None:
+    """Container entrypoint: pgoom exec [--user U] [--score N] [--children-score N]
+    [--no-watch] -- CMD [ARGS...]. (Dispatched before this parser; see watcher.main.)"""
+    from watcher.entrypoint import main as exec_main
+
+    raise typer.Exit(exec_main(list(ctx.args)))
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"pgoom {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """pgoom: keeps the postmaster from being chosen by the kernel's OOM killer."""
+
+
+def run() -> None:
+    try:
+        app()
+    except PgoomError as err:  # anything a command forgot to map
+        print(f"pgoom: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,417 @@
+"""Subscribe → scan → react: the loop behind `pgoom watch` (and `pgoom exec`'s monitor).
+
+The source is opened (subscribed) before the first scan of /proc: in the other order a
+postmaster that starts between the scan and the subscription would be missed.
+"""
+
+from __future__ import annotations
+
+import selectors
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from loguru import logger
+
+from watcher.adjust import Adjuster, Outcome, Result
+from watcher.config import Settings
+from watcher.errors import AccessDenied, ProcessGone
+from watcher.identity import inspect
+from watcher.match import (
+    Facts,
+    ProcInfo,
+    Rule,
+    cmdline_text,
+    confirm,
+    fallback_postmasters,
+    might_be_postmaster,
+)
+from watcher.parse import POSTGRES_BINARIES, Stat
+from watcher.procfs import ProcFS
+from watcher.sources.base import Event, Examine, Forked, Rescan, Source
+
+Listener = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class Protected:
+    pid: int
+    starttime_ticks: int
+    data_dir: Optional[str]
+    rule: Rule
+    score_ok: bool  # False while the kernel refuses the target (EACCES): retried at verify
+    children_done: set[tuple[int, int]] = field(default_factory=set)
+
+
+@dataclass
+class Counters:
+    events: int = 0
+    adjustments: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+    rescans: int = 0
+    drift_repairs: int = 0
+    latencies_us: list[int] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, settings: Settings, source: Source, procfs: Optional[ProcFS] = None) -> None:
+        self.settings = settings
+        self.source = source
+        self.procfs = procfs or ProcFS(settings.proc_root)
+        self.adjuster = Adjuster(self.procfs, dry_run=settings.dry_run)
+        self.protected: dict[int, Protected] = {}
+        self.counters = Counters()
+        self.listeners: list[Listener] = []
+        self._reported: set[tuple[int, int, str]] = set()  # (pid, start, reason) logged once
+        self._stop = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._children_wanted = any(r.children_score is not None for r in settings.rules)
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self._install_signal_handlers()
+        self.scan("start")
+        self._emit("ready", source=self.source.name, protected=len(self.protected))
+        logger.info(
+            "watching with source {} ({} rule(s)); {} postmaster(s) protected",
+            self.source.name,
+            len(self.settings.rules),
+            len(self.protected),
+        )
+        selector = selectors.DefaultSelector()
+        fd = self.source.fileno()
+        if fd is not None:
+            selector.register(fd, selectors.EVENT_READ, "source")
+        selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        event_driven = self.source.timeout_s() is None
+        next_verify = time.monotonic() + self.settings.verify_interval_s
+        next_children = time.monotonic() + self.settings.interval_s
+        next_source = self._deadline(self.source.timeout_s())
+        try:
+            while not self._stop:
+                now = time.monotonic()
+                deadlines = [next_source] if next_source is not None else []
+                # Idle event mode has no timer unless there is something to verify: 0 wakeups.
+                if self.protected or not event_driven:
+                    deadlines.append(next_verify)
+                if self._children_wanted and self.protected and self.source.name != "netlink":
+                    deadlines.append(next_children)
+                timeout = max(0.0, min(deadlines) - now) if deadlines else None
+                ready = selector.select(timeout)
+                for key, _ in ready:
+                    if key.data == "wake":
+                        self._drain_wakeups()
+                if self._stop:
+                    break
+                now = time.monotonic()
+                if any(key.data == "source" for key, _ in ready) or (
+                    next_source is not None and now >= next_source
+                ):
+                    self.handle(self.source.read())
+                    next_source = self._deadline(self.source.timeout_s())
+                if now >= next_verify:
+                    self.verify(full_scan=not event_driven)
+                    next_verify = now + self.settings.verify_interval_s
+                if now >= next_children:
+                    self.adjust_children()
+                    next_children = now + self.settings.interval_s
+        finally:
+            selector.close()
+            self.source.close()
+            logger.info("stopped")
+
+    def stop(self) -> None:
+        self._stop = True
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass
+
+    def handle(self, events: list[Event]) -> None:
+        for event in events:
+            self.counters.events += 1
+            if isinstance(event, Examine):
+                self.examine(event.pid, event.ts_ns)
+            elif isinstance(event, Forked):
+                self.forked(event)
+            elif isinstance(event, Rescan):
+                self.counters.rescans += 1
+                self._emit("rescan", reason=event.reason)
+                self.scan(event.reason)
+
+    # --- reacting ------------------------------------------------------------------------
+
+    def examine(self, pid: int, ts_ns: int = 0) -> Optional[Result]:
+        """Protect `pid` if it is a postmaster some rule covers. Cheap for everything else:
+        one read of its command line."""
+        try:
+            argv = self.procfs.cmdline(pid)
+        except (ProcessGone, AccessDenied):
+            return None
+        rule = might_be_postmaster(argv, self.settings.rules)
+        if rule is None:
+            return None
+        try:
+            facts = inspect(self.procfs, pid, argv=argv)
+        except (ProcessGone, AccessDenied) as err:
+            logger.debug("pid {} vanished before it could be examined: {}", pid, err)
+            return None
+        return self._protect_if_postmaster(facts, ts_ns, method="pattern")
+
+    def _protect_if_postmaster(self, facts: Facts, ts_ns: int, method: str) -> Optional[Result]:
+        pid, start = facts.pid, facts.stat.starttime_ticks
+        text = cmdline_text(facts.argv)
+        rule = next((r for r in self.settings.rules if r.matches(text, facts.data_dir)), None)
+        if rule is None and method != "pattern":
+            rule = self.settings.rules[0]
+        if rule is None:
+            return None
+        verdict = confirm(facts)
+        if not verdict.ok:
+            self._once(
+                pid,
+                start,
+                verdict.reason,
+                "info",
+                "not protecting pid {} ({}): {}",
+                pid,
+                text[:120],
+                verdict.reason,
+            )
+            return None
+        result = self.adjuster.set_score(pid, start, rule.score)
+        latency_us = (time.monotonic_ns() - ts_ns) // 1000 if ts_ns else None
+        self._record(facts, rule, result, latency_us, method)
+        return result
+
+    def _record(
+        self, facts: Facts, rule: Rule, result: Result, latency_us: Optional[int], method: str
+    ) -> None:
+        pid, start = facts.pid, facts.stat.starttime_ticks
+        if result.outcome is Outcome.GONE:
+            logger.debug("pid {} exited before it could be protected", pid)
+            return
+        known = self.protected.get(pid)
+        if known is None or known.starttime_ticks != start:
+            known = Protected(pid, start, facts.data_dir, rule, score_ok=True)
+            self.protected[pid] = known
+            if facts.data_dir:
+                self.source.add_data_dir(facts.data_dir)
+        known.score_ok = result.outcome is not Outcome.DENIED
+        fields = dict(
+            pid=pid,
+            data_dir=facts.data_dir,
+            old=result.old,
+            new=rule.score,
+            source=self.source.name,
+            latency_us=latency_us,
+            method=method,
+        )
+        if result.outcome is Outcome.ADJUSTED:
+            self.counters.adjustments += 1
+            if latency_us is not None:
+                self.counters.latencies_us.append(latency_us)
+                del self.counters.latencies_us[:-10000]
+            logger.bind(**fields).info(
+                "protected postmaster pid={} data_dir={} oom_score_adj {} -> {} source={} "
+                "latency_us={}",
+                pid,
+                facts.data_dir,
+                result.old,
+                result.new,
+                self.source.name,
+                latency_us if latency_us is not None else "-",
+            )
+            self._emit("adjusted", **fields)
+        elif result.outcome is Outcome.DRY_RUN:
+            self._once(
+                pid,
+                start,
+                "dry-run",
+                "info",
+                "dry run: would set postmaster pid={} data_dir={} oom_score_adj {} -> {}",
+                pid,
+                facts.data_dir,
+                result.old,
+                rule.score,
+            )
+        elif result.outcome is Outcome.UNCHANGED:
+            self._once(
+                pid,
+                start,
+                "unchanged",
+                "info",
+                "postmaster pid={} data_dir={} already at oom_score_adj {}",
+                pid,
+                facts.data_dir,
+                result.old,
+            )
+        elif result.outcome is Outcome.DENIED:
+            self.counters.failures["denied"] = self.counters.failures.get("denied", 0) + 1
+            self._emit("failed", reason="denied", pid=pid, data_dir=facts.data_dir)
+            self._once(pid, start, "denied", "error", "{}", result.reason)
+
+    def forked(self, event: Forked) -> None:
+        parent = self.protected.get(event.parent)
+        if parent is None or parent.rule.children_score is None:
+            return
+        self._adjust_child(parent, event.child)
+
+    def _adjust_child(self, parent: Protected, child: int) -> None:
+        assert parent.rule.children_score is not None
+        try:
+            stat = self.procfs.stat(child)
+        except (ProcessGone, AccessDenied):
+            return
+        key = (child, stat.starttime_ticks)
+        if stat.ppid != parent.pid or key in parent.children_done:
+            return
+        result = self.adjuster.set_score(child, stat.starttime_ticks, parent.rule.children_score)
+        if result.outcome in (Outcome.ADJUSTED, Outcome.UNCHANGED, Outcome.DRY_RUN):
+            parent.children_done.add(key)
+        if result.outcome is Outcome.ADJUSTED:
+            logger.debug(
+                "child pid={} of postmaster {}: oom_score_adj {} -> {}",
+                child,
+                parent.pid,
+                result.old,
+                result.new,
+            )
+        elif result.outcome is Outcome.DENIED:
+            self._once(child, stat.starttime_ticks, "denied", "warning", "{}", result.reason)
+
+    def adjust_children(self) -> None:
+        """Without fork events (inotify, poll), children are found by scanning."""
+        for parent in list(self.protected.values()):
+            if parent.rule.children_score is None:
+                continue
+            try:
+                children = self.procfs.children(parent.pid)
+            except (ProcessGone, AccessDenied):
+                continue
+            for child in children:
+                self._adjust_child(parent, child)
+            alive = set(children)
+            parent.children_done = {k for k in parent.children_done if k[0] in alive}
+
+    # --- scanning and verifying ------------------------------------------------------------
+
+    def scan(self, reason: str) -> None:
+        """Examine every process. The seed's fallbacks (b) and (c) run only when no rule's
+        pattern matched anything."""
+        logger.debug("scanning /proc ({})", reason)
+        matched = False
+        postgres: list[ProcInfo] = []
+        for pid in self.procfs.pids():
+            try:
+                argv = self.procfs.cmdline(pid)
+            except (ProcessGone, AccessDenied):
+                continue
+            if might_be_postmaster(argv, self.settings.rules) is not None:
+                matched = True
+                self.examine(pid)
+            elif (
+                self.settings.fallback
+                and argv
+                and (
+                    argv[0].rsplit("/", 1)[-1] in POSTGRES_BINARIES
+                    or argv[0].startswith("postgres:")
+                )
+            ):
+                try:
+                    stat = self.procfs.stat(pid)
+                except (ProcessGone, AccessDenied):
+                    continue
+                postgres.append(ProcInfo(pid, stat.ppid, stat.comm, argv))
+        if not matched and self.settings.fallback and postgres:
+            candidates, method = fallback_postmasters(postgres)
+            for candidate in candidates:
+                try:
+                    facts = inspect(self.procfs, candidate.pid, argv=candidate.argv)
+                except (ProcessGone, AccessDenied):
+                    continue
+                self._protect_if_postmaster(facts, 0, method=method)
+
+    def verify(self, full_scan: bool = False) -> None:
+        """Drift repair: a runtime or an operator may reset a protected postmaster's score.
+        Without netlink this tick also rescans, to find postmasters no event announced."""
+        for pid, known in list(self.protected.items()):
+            try:
+                stat: Stat = self.procfs.stat(pid)
+            except (ProcessGone, AccessDenied):
+                stat = None  # type: ignore[assignment]
+            if stat is None or stat.starttime_ticks != known.starttime_ticks or stat.state == "Z":
+                logger.info("postmaster pid={} data_dir={} exited", pid, known.data_dir)
+                del self.protected[pid]
+                self._emit("exited", pid=pid, data_dir=known.data_dir)
+                continue
+            result = self.adjuster.set_score(pid, known.starttime_ticks, known.rule.score)
+            if result.outcome is Outcome.ADJUSTED:
+                self.counters.drift_repairs += 1
+                known.score_ok = True
+                logger.warning(
+                    "drift repaired: postmaster pid={} data_dir={} had oom_score_adj {}, set "
+                    "back to {}",
+                    pid,
+                    known.data_dir,
+                    result.old,
+                    result.new,
+                )
+                self._emit(
+                    "adjusted",
+                    pid=pid,
+                    data_dir=known.data_dir,
+                    old=result.old,
+                    new=result.new,
+                    source="verify",
+                    latency_us=None,
+                    method="drift",
+                )
+        if full_scan:
+            self.scan("periodic")
+
+    # --- plumbing --------------------------------------------------------------------------
+
+    def _once(self, pid: int, start: int, key: str, level: str, message: str, *args: Any) -> None:
+        """Log a per-process condition once (then at debug): an EACCES must not flood."""
+        marker = (pid, start, key)
+        if marker in self._reported:
+            logger.debug(message, *args)
+            return
+        self._reported.add(marker)
+        if len(self._reported) > 10000:
+            self._reported.clear()
+        logger.log(level.upper(), message, *args)
+
+    def _emit(self, name: str, **fields: Any) -> None:
+        for listener in self.listeners:
+            try:
+                listener(name, fields)
+            except Exception as err:  # a broken metrics hook must not stop protection
+                logger.opt(exception=err).warning("listener failed on {}", name)
+
+    @staticmethod
+    def _deadline(timeout_s: Optional[float]) -> Optional[float]:
+        return None if timeout_s is None else time.monotonic() + timeout_s
+
+    def _install_signal_handlers(self) -> None:
+        self._wake_w.setblocking(False)
+        self._wake_r.setblocking(False)
+
+        def _handler(signum: int, _frame: object) -> None:
+            logger.info("received {}, stopping", signal.Signals(signum).name)
+            self.stop()
+
+        signal.signal(signal.SIGTERM, _handler)
+        signal.signal(signal.SIGINT, _handler)
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wake_r.recv(64):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass

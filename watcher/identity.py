@@ -1,0 +1,149 @@
+"""Gather the facts that confirm a postmaster (watcher.match.confirm decides).
+
+Reads through /proc/<pid>/root and /proc/<pid>/cwd where it may, so that a watcher on the
+host sees a container's data directory as the postmaster does. Where ptrace access is
+missing (a sidecar without CAP_SYS_PTRACE), it falls back to the path as this process sees
+it: a pod's shared volume is mounted at the same path.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from typing import Optional
+
+from watcher.errors import AccessDenied, ProcessGone
+from watcher.match import Facts
+from watcher.parse import (
+    POSTGRES_BINARIES,
+    Stat,
+    binary_name,
+    data_dir_from_argv,
+    environ_value,
+    parse_postmaster_pid,
+    status_uids,
+)
+from watcher.procfs import ProcFS, read_file_text
+
+
+def inspect(
+    procfs: ProcFS, pid: int, stat: Optional[Stat] = None, argv: Optional[list[str]] = None
+) -> Facts:
+    """Read everything confirm() needs. Raises ProcessGone if the process vanished."""
+    if stat is None:
+        stat = procfs.stat(pid)
+    if argv is None:
+        argv = procfs.cmdline(pid)
+    status = procfs.status(pid)
+    uid, _ = status_uids(status)
+    ns_pid = _innermost_ns_pid(status, pid)
+
+    try:
+        binary: Optional[str] = binary_name(procfs.exe(pid))
+    except AccessDenied:
+        binary = None
+
+    data_dir = _data_dir(procfs, pid, argv)
+    data_dir_uid: Optional[int] = None
+    pidfile = None
+    pidfile_state = "missing"
+    names_live = False
+    if data_dir is not None:
+        access = _accessible_dir(procfs, pid, data_dir)
+        if access is not None:
+            data_dir_uid = os.stat(access).st_uid
+            try:
+                text = read_file_text(posixpath.join(access, "postmaster.pid"))
+            except AccessDenied:
+                pidfile_state = "unreadable"
+            else:
+                pidfile = parse_postmaster_pid(text) if text is not None else None
+                if pidfile is not None:
+                    pidfile_state = "ok"
+                    if pidfile.pid != ns_pid:
+                        names_live = _is_live_postgres(procfs, pidfile.pid, pid, ns_pid)
+    # The lock file holds the PID as the postmaster's own namespace numbers it.
+    if pidfile is not None and pidfile.pid == ns_pid and ns_pid != pid:
+        pidfile = pidfile.__class__(pid, pidfile.data_dir, pidfile.start_epoch, pidfile.port)
+    return Facts(
+        stat=stat,
+        argv=argv,
+        uid=uid,
+        binary=binary,
+        data_dir=data_dir,
+        data_dir_uid=data_dir_uid,
+        pidfile=pidfile,
+        pidfile_state=pidfile_state,
+        pidfile_names_live_postgres=names_live,
+    )
+
+
+def _innermost_ns_pid(status: dict[str, str], pid: int) -> int:
+    ns = status.get("NSpid", "").split()
+    return int(ns[-1]) if ns else pid
+
+
+def _data_dir(procfs: ProcFS, pid: int, argv: list[str]) -> Optional[str]:
+    data_dir = data_dir_from_argv(argv)
+    if data_dir is None:
+        try:
+            data_dir = environ_value(procfs.environ(pid), "PGDATA")
+        except AccessDenied:
+            data_dir = None
+    if data_dir is None:
+        # A running postmaster's working directory is its data directory.
+        try:
+            cwd = procfs.cwd(pid)
+        except AccessDenied:
+            return None
+        return (
+            cwd
+            if os.path.exists(posixpath.join(procfs.path(pid, "cwd"), "postmaster.pid"))
+            else None
+        )
+    if not data_dir.startswith("/"):
+        try:
+            cwd = procfs.cwd(pid)
+        except AccessDenied:
+            return None
+        joined = posixpath.normpath(posixpath.join(cwd, data_dir))
+        # After start-up the postmaster has already changed into its data directory.
+        data_dir = joined if os.path.isdir(procfs.in_process_root(pid, joined)) else cwd
+    return posixpath.normpath(data_dir)
+
+
+def _accessible_dir(procfs: ProcFS, pid: int, data_dir: str) -> Optional[str]:
+    for candidate in (procfs.in_process_root(pid, data_dir), data_dir):
+        try:
+            if os.path.isdir(candidate) and os.access(candidate, os.X_OK):
+                return candidate
+        except OSError:
+            continue
+    return None
+
+
+def _is_live_postgres(procfs: ProcFS, other: int, pid: int, ns_pid: int) -> bool:
+    """Does the PID in a postmaster.pid that is not ours name a running postgres process?"""
+    if ns_pid == pid:
+        try:
+            stat = procfs.stat(other)
+        except (ProcessGone, AccessDenied):
+            return False
+        return stat.comm in POSTGRES_BINARIES and stat.state not in ("Z", "X")
+    # In a nested PID namespace the file's PID is namespace-local: find the process that
+    # carries it in the same namespace.
+    try:
+        own_ns = os.readlink(procfs.path(pid, "ns/pid"))
+    except OSError:
+        return True  # cannot tell: assume the lock is held, never protect a second postmaster
+    for candidate in procfs.pids():
+        try:
+            status = procfs.status(candidate)
+            if _innermost_ns_pid(status, candidate) != other:
+                continue
+            if os.readlink(procfs.path(candidate, "ns/pid")) != own_ns:
+                continue
+            return status.get("Name") in POSTGRES_BINARIES
+        except (OSError, ProcessGone, AccessDenied):
+            continue
+    return False

@@ -1,0 +1,150 @@
+"""The one module that reads and writes /proc.
+
+The root is injectable (`ProcFS("/tmp/fake-proc")`) so unit tests run on fake trees built
+from captured samples. Every OSError is translated here, and only here: a process that
+went away (ENOENT, ESRCH) becomes ProcessGone, a refusal (EACCES, EPERM) AccessDenied.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Optional
+
+from watcher.errors import AccessDenied, ProcessGone
+from watcher.parse import (
+    Stat,
+    parse_cmdline,
+    parse_oom_score_adj,
+    parse_stat,
+    parse_status,
+)
+
+_GONE = frozenset({errno.ENOENT, errno.ESRCH})
+_DENIED = frozenset({errno.EACCES, errno.EPERM})
+
+
+@contextmanager
+def translate_errors(pid: int, what: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as err:
+        if err.errno in _GONE:
+            raise ProcessGone(f"pid {pid} is gone ({what})") from err
+        if err.errno in _DENIED:
+            raise AccessDenied(f"pid {pid}: {what}: {os.strerror(err.errno)}") from err
+        raise
+
+
+class ProcFS:
+    def __init__(self, root: str = "/proc") -> None:
+        self.root = root.rstrip("/") or "/"
+
+    def path(self, pid: int | str, name: str = "") -> str:
+        return f"{self.root}/{pid}/{name}" if name else f"{self.root}/{pid}"
+
+    # --- reads -----------------------------------------------------------------------
+
+    def pids(self) -> list[int]:
+        return [int(name) for name in os.listdir(self.root) if name.isdigit()]
+
+    def read_bytes(self, pid: int | str, name: str) -> bytes:
+        with translate_errors(int(pid) if str(pid).isdigit() else 0, name):
+            # Unbuffered open+read: these files are small and regenerated on every read.
+            fd = os.open(self.path(pid, name), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                chunks = []
+                while True:
+                    chunk = os.read(fd, 65536)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                return b"".join(chunks)
+            finally:
+                os.close(fd)
+
+    def read_text(self, pid: int | str, name: str) -> str:
+        return self.read_bytes(pid, name).decode("utf-8", "surrogateescape")
+
+    def stat(self, pid: int) -> Stat:
+        text = self.read_text(pid, "stat")
+        if not text:
+            raise ProcessGone(f"pid {pid} is gone (empty stat)")
+        return parse_stat(text)
+
+    def cmdline(self, pid: int) -> list[str]:
+        return parse_cmdline(self.read_bytes(pid, "cmdline"))
+
+    def status(self, pid: int | str) -> dict[str, str]:
+        return parse_status(self.read_text(pid, "status"))
+
+    def environ(self, pid: int) -> bytes:
+        return self.read_bytes(pid, "environ")
+
+    def readlink(self, pid: int, name: str) -> str:
+        with translate_errors(pid, name):
+            return os.readlink(self.path(pid, name))
+
+    def exe(self, pid: int) -> str:
+        return self.readlink(pid, "exe")
+
+    def cwd(self, pid: int) -> str:
+        return self.readlink(pid, "cwd")
+
+    def oom_score_adj(self, pid: int) -> int:
+        return parse_oom_score_adj(self.read_text(pid, "oom_score_adj"))
+
+    def oom_score(self, pid: int) -> int:
+        return int(self.read_text(pid, "oom_score").strip())
+
+    def children(self, pid: int) -> list[int]:
+        """Direct children, from /proc/<pid>/task/<pid>/children (CONFIG_PROC_CHILDREN);
+        threads other than the leader cannot fork postmaster children, so one file suffices."""
+        text = self.read_text(pid, f"task/{pid}/children")
+        return [int(tok) for tok in text.split()]
+
+    def in_process_root(self, pid: int, path: str) -> str:
+        """`path` as the process sees it: through /proc/<pid>/root, which crosses mount
+        namespaces, so a host-wide watcher reads a container's data directory."""
+        return self.path(pid, "root") + path if path.startswith("/") else path
+
+    def boot_time_s(self) -> float:
+        for line in self.read_text("", "stat").splitlines():
+            if line.startswith("btime "):
+                return float(line.split()[1])
+        raise RuntimeError("no btime in /proc/stat")
+
+    def start_epoch_s(self, stat: Stat) -> float:
+        return self.boot_time_s() + stat.starttime_ticks / CLOCK_TICKS
+
+    def self_status(self) -> dict[str, str]:
+        return self.status("self")
+
+    # --- the one write ---------------------------------------------------------------
+
+    def write_oom_score_adj(self, pid: int, value: int) -> None:
+        with translate_errors(pid, "write oom_score_adj"):
+            fd = os.open(self.path(pid, "oom_score_adj"), os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, str(value).encode())
+            finally:
+                os.close(fd)
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def read_file_text(path: str, limit: int = 65536) -> Optional[str]:
+    """Read a small regular file that may not exist yet (postmaster.pid); None if absent.
+    EACCES propagates as AccessDenied so the caller can tell 'absent' from 'hidden'."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(limit).decode("utf-8", "surrogateescape")
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        return None
+    except PermissionError as err:
+        raise AccessDenied(f"{path}: {os.strerror(err.errno or errno.EACCES)}") from err

@@ -1,0 +1,45 @@
+"""`pgoom watch`: set up logging, choose and open the source, run the engine."""
+
+from __future__ import annotations
+
+from loguru import logger
+
+from watcher.config import Settings
+from watcher.engine import Engine
+from watcher.errors import AccessDenied, ProcessGone
+from watcher.identity import inspect
+from watcher.logs import setup_logging
+from watcher.match import confirm, might_be_postmaster
+from watcher.procfs import ProcFS
+from watcher.sources.select import open_source
+
+
+def discover_data_dirs(settings: Settings, procfs: ProcFS) -> list[str]:
+    """Data directories of verified postmasters running now (for inotify without
+    --data-dir)."""
+    found: list[str] = []
+    for pid in procfs.pids():
+        try:
+            argv = procfs.cmdline(pid)
+            if might_be_postmaster(argv, settings.rules) is None:
+                continue
+            facts = inspect(procfs, pid, argv=argv)
+        except (ProcessGone, AccessDenied):
+            continue
+        if confirm(facts).ok and facts.data_dir and facts.data_dir not in found:
+            found.append(facts.data_dir)
+    return found
+
+
+def build_engine(settings: Settings) -> Engine:
+    procfs = ProcFS(settings.proc_root)
+    source = open_source(settings, lambda: discover_data_dirs(settings, procfs))
+    return Engine(settings, source, procfs)
+
+
+def run_watch(settings: Settings) -> None:
+    setup_logging(settings.log_file, settings.log_json, settings.log_level)
+    if settings.dry_run:
+        logger.info("dry run: nothing will be written")
+    engine = build_engine(settings)
+    engine.run()
