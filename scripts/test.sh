@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/lint.sh
+bash scripts/py39-smoke.sh
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
