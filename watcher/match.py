@@ -219,7 +219,8 @@ def role_of(argv: list[str], is_postmaster: bool) -> str:
     if ": " in title:
         candidates.append(title.split(": ", 1)[1])
     for text in candidates:
-        if text.startswith(_AUX_TITLES):
+        # Whole words only: a cluster named 'startup-db' is not the startup process.
+        if any(text == aux or text.startswith(aux + " ") for aux in _AUX_TITLES):
             return "aux"
     return "backend"
 
