@@ -421,6 +421,8 @@ class InotifySource:
         itself when it exists, else its nearest existing ancestor. Idempotent (re-adding a
         watch on the same inode returns the same wd). Announces a postmaster.pid found in a
         directory that just became watched: it may have been written before the watch."""
+        if self._fd is None:
+            return []
         self._stats["rearms"] += 1
         newly_armed: dict[str, _DataDir] = {}
         for _ in range(_MAX_REARM_PASSES):
