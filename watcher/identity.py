@@ -51,7 +51,11 @@ def inspect(
     if data_dir is not None:
         access = _accessible_dir(procfs, pid, data_dir)
         if access is not None:
-            data_dir_uid = os.stat(access).st_uid
+            try:
+                data_dir_uid = os.stat(access).st_uid
+            except OSError:  # removed since _accessible_dir looked: as if never there
+                access = None
+        if access is not None:
             try:
                 text = read_file_text(posixpath.join(access, "postmaster.pid"))
             except AccessDenied:

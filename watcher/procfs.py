@@ -11,6 +11,7 @@ import errno
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from stat import S_ISREG
 from typing import Optional
 
 from watcher.errors import AccessDenied, ProcessGone
@@ -138,13 +139,19 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 def read_file_text(path: str, limit: int = 65536) -> Optional[str]:
     """Read a small regular file that may not exist yet (postmaster.pid); None if absent.
-    EACCES propagates as AccessDenied so the caller can tell 'absent' from 'hidden'."""
+    EACCES propagates as AccessDenied so the caller can tell 'absent' from 'hidden'.
+
+    Anything but a regular file counts as absent: the data directory's owner could plant a
+    FIFO there, and a blocking open() of it would hang a watcher running as root."""
     try:
-        with open(path, "rb") as handle:
-            return handle.read(limit).decode("utf-8", "surrogateescape")
-    except FileNotFoundError:
-        return None
-    except NotADirectoryError:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except PermissionError as err:
         raise AccessDenied(f"{path}: {os.strerror(err.errno or errno.EACCES)}") from err
+    try:
+        if not S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.read(fd, limit).decode("utf-8", "surrogateescape")
+    finally:
+        os.close(fd)

@@ -101,10 +101,13 @@ def restatus(status: str, pid: int, ppid: int, uid: Optional[int], nspid: list[i
 
 
 class FakeProc:
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, host_root: bool = False) -> None:
+        """host_root=False: the processes live in <base>/rootfs, as in a container or chroot
+        (the host reads their cwd link as <base>/rootfs/...). host_root=True: they share
+        the test's root, so data directories must be real paths (under tmp_path)."""
         self.base = Path(base)
         self.proc = self.base / "proc"
-        self.rootfs = self.base / "rootfs"
+        self.rootfs = Path("/") if host_root else self.base / "rootfs"
         self.proc.mkdir(parents=True, exist_ok=True)
         self.rootfs.mkdir(parents=True, exist_ok=True)
         (self.proc / "stat").write_text(f"cpu  1 2 3 4\nbtime {BTIME}\nprocesses 99\n")
@@ -157,7 +160,7 @@ class FakeProc:
         cwd_target = sample.cwd if cwd == "" else cwd
         if cwd_target is not None:
             # The process's cwd as the host sees it: inside its root.
-            (where / "cwd").symlink_to(str(self.rootfs) + cwd_target)
+            (where / "cwd").symlink_to(self._host_path(cwd_target))
         (where / "root").symlink_to(self.rootfs)
         (where / "ns").mkdir()
         (where / "ns" / "pid").symlink_to(pid_ns)
@@ -176,12 +179,15 @@ class FakeProc:
     def data_dir(self, path: str, pidfile: Optional[str] = None, mode: int = 0o700) -> Path:
         """Make `path` inside the processes' root, owned by the test's uid, with an
         optional postmaster.pid holding `pidfile`."""
-        where = Path(str(self.rootfs) + path)
+        where = Path(self._host_path(path))
         where.mkdir(parents=True, exist_ok=True)
         where.chmod(mode)
         if pidfile is not None:
             (where / "postmaster.pid").write_text(pidfile)
         return where
+
+    def _host_path(self, path: str) -> str:
+        return path if self.rootfs == Path("/") else str(self.rootfs) + path
 
     def remove(self, pid: int) -> None:
         """The process exited: its directory goes away."""
