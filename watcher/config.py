@@ -91,6 +91,9 @@ def make_settings(
         raise UsageError(f"--interval {interval_s} must be greater than 0 seconds")
     if verify_interval_s <= 0:
         raise UsageError(f"--verify-interval {verify_interval_s} must be greater than 0 seconds")
+    rcvbuf_bytes = rest.get("rcvbuf_bytes", DEFAULT_RCVBUF_BYTES)
+    if not isinstance(rcvbuf_bytes, int) or rcvbuf_bytes <= 0:
+        raise UsageError(f"--rcvbuf {rcvbuf_bytes} must be a positive number of bytes")
     dirs = [check_data_dir(d) for d in (data_dirs or [])]
     if source == "inotify" and not dirs:
         raise UsageError("--source inotify needs at least one --data-dir (e.g. /pgdata/pg16)")

@@ -37,7 +37,11 @@ class SafeFileSink:
         self._size = os.fstat(self._fd).st_size
 
     def _open(self, exclusive: bool) -> int:
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        # O_NONBLOCK: a FIFO planted at the path would block open() for ever (ENXIO instead);
+        # it changes nothing for a regular file.
+        flags = (
+            os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        )
         if exclusive:
             flags |= os.O_EXCL
         try:
