@@ -1,0 +1,197 @@
+"""`pgoom verify`: is every postmaster protected? For CI jobs and Kubernetes probes.
+
+Finds postmasters with the watcher's own rules (a pattern or data-directory rule names the
+candidate, watcher.identity.inspect gathers the facts, watcher.match.confirm decides; the
+seed's fallbacks apply when no pattern matches anything) and polls until every one is at
+or below the expected score, or the timeout passes. Read-only: it never writes a score.
+
+Exit codes (watcher/errors.py):
+  0  every postmaster found is at or below --score
+  1  EXIT_CHECK_FAILED: a postmaster was still above --score when the timeout passed
+  2  EXIT_USAGE: a bad option (score out of range, invalid pattern, negative timeout)
+  3  EXIT_NOT_FOUND: no postmaster was found before the timeout passed
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+from watcher.config import build_rules, check_data_dir
+from watcher.errors import (
+    EXIT_CHECK_FAILED,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    AccessDenied,
+    ProcessGone,
+    UsageError,
+)
+from watcher.identity import inspect
+from watcher.match import (
+    ProcInfo,
+    Rule,
+    cmdline_text,
+    confirm,
+    fallback_postmasters,
+    is_title_rewritten,
+    might_be_postmaster,
+)
+from watcher.parse import POSTGRES_BINARIES
+from watcher.procfs import ProcFS
+
+# Short enough that a probe with a 1 s timeout still gets several looks; long enough that a
+# 10 s wait costs a hundred /proc scans, not thousands.
+POLL_INTERVAL_S = 0.1
+
+
+@dataclass(frozen=True)
+class Found:
+    pid: int
+    data_dir: Optional[str]
+    oom_score_adj: Optional[int]  # None: the process exited between the scan and the read
+    protected: bool
+    how: str  # the rule that named it, or the fallback method
+    reason: str  # why confirm() accepted it
+
+
+def find_postmasters(procfs: ProcFS, rules: list[Rule], score: int) -> list[Found]:
+    """One scan of /proc, deciding as `pgoom watch` does, and reading each score."""
+    found: list[Found] = []
+    pattern_matched = False
+    postgres: list[ProcInfo] = []
+    for pid in procfs.pids():
+        try:
+            argv = procfs.cmdline(pid)
+        except (ProcessGone, AccessDenied):
+            continue
+        if might_be_postmaster(argv, rules) is not None:
+            pattern_matched = True
+            _consider(procfs, pid, argv, rules, score, None, found)
+        elif argv and (argv[0].rsplit("/", 1)[-1] in POSTGRES_BINARIES or is_title_rewritten(argv)):
+            try:
+                stat = procfs.stat(pid)
+            except (ProcessGone, AccessDenied):
+                continue
+            postgres.append(ProcInfo(pid, stat.ppid, stat.comm, argv))
+    if not pattern_matched and postgres:
+        candidates, method = fallback_postmasters(postgres)
+        for candidate in candidates:
+            _consider(procfs, candidate.pid, candidate.argv, rules, score, method, found)
+    return found
+
+
+def _consider(
+    procfs: ProcFS,
+    pid: int,
+    argv: list[str],
+    rules: list[Rule],
+    score: int,
+    fallback_method: Optional[str],
+    found: list[Found],
+) -> None:
+    try:
+        facts = inspect(procfs, pid, argv=argv)
+    except (ProcessGone, AccessDenied):
+        return
+    text = cmdline_text(argv)
+    rule = next((r for r in rules if r.matches(text, facts.data_dir)), None)
+    if rule is None and fallback_method is None:
+        return  # e.g. named postgres, but not in the --data-dir the rule asks for
+    verdict = confirm(facts)
+    if not verdict.ok:
+        return
+    try:
+        adj: Optional[int] = procfs.oom_score_adj(pid)
+    except (ProcessGone, AccessDenied):
+        adj = None
+    how = rule.name if rule is not None else f"fallback: {fallback_method}"
+    found.append(
+        Found(
+            pid=pid,
+            data_dir=facts.data_dir,
+            oom_score_adj=adj,
+            protected=adj is not None and adj <= score,
+            how=how,
+            reason=verdict.reason,
+        )
+    )
+
+
+def verify_postmasters(
+    patterns: list[str],
+    data_dirs: list[str],
+    score: int,
+    timeout_s: float,
+    as_json: bool,
+    procfs: Optional[ProcFS] = None,
+    poll_interval_s: float = POLL_INTERVAL_S,
+) -> tuple[int, str]:
+    """Poll until every postmaster found is at or below `score`; return (exit code, text).
+
+    A timeout of 0 looks exactly once. Success needs at least one postmaster: a probe that
+    passes while PostgreSQL is not running would hide the failure it exists to catch."""
+    if timeout_s < 0:
+        raise UsageError(f"--timeout {timeout_s:g} must be 0 or more seconds")
+    rules = build_rules(patterns, [check_data_dir(d) for d in data_dirs], score, None)
+    procfs = procfs or ProcFS()
+    start = time.monotonic()
+    deadline = start + timeout_s
+    while True:
+        found = find_postmasters(procfs, rules, score)
+        elapsed_s = time.monotonic() - start
+        if found and all(f.protected for f in found):
+            return _result(EXIT_OK, found, rules, score, timeout_s, elapsed_s, as_json)
+        if time.monotonic() >= deadline:
+            code = EXIT_CHECK_FAILED if found else EXIT_NOT_FOUND
+            return _result(code, found, rules, score, timeout_s, elapsed_s, as_json)
+        time.sleep(min(poll_interval_s, max(0.0, deadline - time.monotonic())))
+
+
+def _describe(f: Found) -> str:
+    where = f" ({f.data_dir})" if f.data_dir else ""
+    adj = "exited" if f.oom_score_adj is None else f"oom_score_adj {f.oom_score_adj}"
+    return f"pid {f.pid}{where} {adj}"
+
+
+def _reason(code: int, found: list[Found], rules: list[Rule], score: int, timeout_s: float) -> str:
+    if code == EXIT_OK:
+        listed = ", ".join(_describe(f) for f in found)
+        return f"ok: {len(found)} postmaster(s) at or below {score}: {listed}"
+    if code == EXIT_NOT_FOUND:
+        names = "; ".join(r.name for r in rules)
+        return (
+            f"pgoom: no postmaster found within {timeout_s:g} s (looked for {names}): "
+            "is PostgreSQL running, and do --pattern/--data-dir name it?"
+        )
+    bad = [f for f in found if not f.protected]
+    listed = ", ".join(_describe(f) for f in bad)
+    return (
+        f"pgoom: not protected within {timeout_s:g} s: {listed}, expected at or below {score}: "
+        "is `pgoom watch` running with the same rules?"
+    )
+
+
+def _result(
+    code: int,
+    found: list[Found],
+    rules: list[Rule],
+    score: int,
+    timeout_s: float,
+    elapsed_s: float,
+    as_json: bool,
+) -> tuple[int, str]:
+    reason = _reason(code, found, rules, score, timeout_s)
+    if not as_json:
+        return code, reason
+    doc = {
+        "ok": code == EXIT_OK,
+        "exit_code": code,
+        "reason": reason.removeprefix("pgoom: "),
+        "score": score,
+        "timeout_s": timeout_s,
+        "elapsed_s": round(elapsed_s, 3),
+        "postmasters": [asdict(f) for f in found],
+    }
+    return code, json.dumps(doc, indent=2)
