@@ -1,0 +1,660 @@
+"""`pgoom doctor`: can pgoom protect a postmaster here, and if not, what must change.
+
+Each check gathers a few facts (the only I/O), then a pure function decides pass, warn or
+fail and words the fix. Exit status (docs/doctor.md): 0 when nothing failed (warnings
+included: they name a degraded but working setup), 1 (EXIT_CHECK_FAILED) when a check
+failed: pgoom cannot reach the target score, or cannot learn of postmasters at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+from loguru import logger
+
+from watcher.errors import EXIT_CHECK_FAILED, EXIT_OK, AccessDenied, PgoomError, ProcessGone
+from watcher.parse import (
+    CAP_DAC_OVERRIDE,
+    CAP_SYS_RESOURCE,
+    capability_set,
+    has_capability,
+    parse_stat,
+    status_uids,
+)
+from watcher.procfs import ProcFS
+
+PASS, WARN, FAIL = "pass", "warn", "fail"
+_RANK = {PASS: 0, WARN: 1, FAIL: 2}
+OOM_SCORE_ADJ_MIN = -1000
+OOM_SCORE_ADJ_MAX = 1000
+FILTER_KERNEL = (6, 6)  # proc connector: proc_input filtering, LISTEN without CAP_NET_ADMIN
+INIT_USER_NS_UID_MAP = ("0", "0", "4294967295")  # the identity map only init_user_ns has
+
+CAP_FIX = (
+    "grant pgoom CAP_SYS_RESOURCE: docker run --cap-add SYS_RESOURCE, Kubernetes "
+    "securityContext.capabilities.add: [SYS_RESOURCE], systemd AmbientCapabilities="
+    "CAP_SYS_RESOURCE"
+)
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    status: str  # pass | warn | fail
+    detail: str
+    fix: str = ""
+
+
+# --- pure decisions -----------------------------------------------------------------------
+
+
+def kernel_version(release: str) -> Optional[tuple[int, int]]:
+    found = re.match(r"(\d+)\.(\d+)", release)
+    return (int(found[1]), int(found[2])) if found else None
+
+
+def decide_kernel(release: str) -> CheckResult:
+    version = kernel_version(release)
+    if version is None:
+        return CheckResult(
+            "kernel",
+            WARN,
+            f"cannot parse kernel release {release!r}",
+            "check `uname -r`; pgoom expects Linux 6.6 or later",
+        )
+    if version >= FILTER_KERNEL:
+        return CheckResult(
+            "kernel",
+            PASS,
+            f"Linux {release}: the proc connector filters events (proc_input, 6.6+) and "
+            "needs no CAP_NET_ADMIN",
+        )
+    return CheckResult(
+        "kernel",
+        WARN,
+        f"Linux {release} is older than 6.6: the proc connector delivers every fork/exec/exit "
+        "unfiltered (more CPU) and subscribing needs CAP_NET_ADMIN",
+        "upgrade the kernel to 6.6 or later, or run with CAP_NET_ADMIN, or use "
+        "--source inotify --data-dir <dir>",
+    )
+
+
+def decide_netlink(error: Optional[str], filtered: bool) -> CheckResult:
+    if error is None:
+        how = "filtered to exec events" if filtered else "unfiltered"
+        return CheckResult(
+            "netlink", PASS, f"proc connector subscribed and acknowledged here ({how})"
+        )
+    return CheckResult(
+        "netlink",
+        WARN,
+        f"proc connector unusable here: {error}; pgoom falls back to inotify (with "
+        "--data-dir) or polling",
+        "for exec events run pgoom in the host's pid, user and network namespaces (Kubernetes "
+        "hostPID + hostNetwork, docker --pid host --network host); otherwise pass --data-dir so "
+        "the inotify source is used",
+    )
+
+
+def decide_inotify(error: Optional[str]) -> CheckResult:
+    if error is None:
+        return CheckResult("inotify", PASS, "inotify works (the source for --data-dir)")
+    return CheckResult(
+        "inotify",
+        WARN,
+        f"inotify unusable: {error}; without netlink pgoom would poll",
+        "raise fs.inotify.max_user_instances / max_user_watches (sysctl), or close other "
+        "inotify users",
+    )
+
+
+@dataclass(frozen=True)
+class NamespaceFacts:
+    """What was read to place this process in (or outside) the initial namespaces."""
+
+    own: dict[str, Optional[str]]  # ns name -> link of /proc/self/ns/<name>
+    kthreadd: Optional[dict[str, Optional[str]]]  # pid 2's links if pid 2 is kthreadd
+    pid1: dict[str, Optional[str]]  # /proc/1/ns/<name> links (None: unreadable)
+    uid_map: Optional[str]  # /proc/self/uid_map
+    nspid_levels: int  # entries on the NSpid line of /proc/self/status
+    netlink_acked: bool = False  # the proc connector acked: only the initial ns get acks
+
+
+def namespace_verdicts(facts: NamespaceFacts) -> dict[str, Optional[bool]]:
+    """For pid, user and net: True (initial), False (not), None (cannot tell).
+
+    Kernel threads live in the initial namespaces (init_nsproxy, init_user_ns), so pid 2
+    (kthreadd) is the reference where its links can be read; a /proc that shows no kthreadd
+    belongs to a child PID namespace. Without that reference: the user namespace is judged
+    by uid_map (only init_user_ns maps the whole 0..4294967294 range onto itself), the PID
+    namespace by the NSpid line (one level when /proc/self lives in the namespace of this
+    /proc mount and that namespace shows kthreadd), the network namespace by pid 1's link.
+    An acknowledged proc connector subscription settles all three: the kernel acks only
+    from the initial pid and user namespaces, and refuses sends from another network one.
+    """
+    verdicts: dict[str, Optional[bool]] = {}
+    for name in ("pid", "user", "net"):
+        own = facts.own.get(name)
+        ref = facts.kthreadd.get(name) if facts.kthreadd is not None else None
+        if own is not None and ref is not None:
+            verdicts[name] = own == ref
+            continue
+        if facts.netlink_acked:
+            verdicts[name] = True
+            continue
+        if name == "user" and facts.uid_map is not None:
+            verdicts[name] = tuple(facts.uid_map.split()[:3]) == INIT_USER_NS_UID_MAP
+        elif name == "pid":
+            verdicts[name] = facts.kthreadd is not None and facts.nspid_levels <= 1
+        elif own is not None and facts.pid1.get(name) is not None and facts.kthreadd is not None:
+            verdicts[name] = own == facts.pid1[name]
+        else:
+            verdicts[name] = None
+    return verdicts
+
+
+def decide_namespaces(facts: NamespaceFacts) -> CheckResult:
+    verdicts = namespace_verdicts(facts)
+    outside = [n for n, v in verdicts.items() if v is False]
+    unknown = [n for n, v in verdicts.items() if v is None]
+    if facts.kthreadd is not None and all(facts.kthreadd.values()):
+        how = "compared with kthreadd, pid 2"
+    elif facts.netlink_acked:
+        how = "the proc connector acknowledged"
+    else:
+        how = "by uid_map, NSpid and pid 1"
+    if not outside and not unknown:
+        return CheckResult(
+            "namespaces", PASS, f"in the initial pid, user and network namespaces ({how})"
+        )
+    parts = []
+    if outside:
+        parts.append(f"not in the initial {', '.join(outside)} namespace(s)")
+    if unknown:
+        parts.append(f"cannot tell for {', '.join(unknown)}")
+    consequence = (
+        "the proc connector ignores subscriptions from a non-initial pid or user namespace"
+        if {"pid", "user"} & set(outside)
+        else "the proc connector refuses sends from a non-initial network namespace"
+        if outside
+        else "netlink may be unusable"
+    )
+    return CheckResult(
+        "namespaces",
+        WARN,
+        f"{'; '.join(parts)} ({how}): {consequence}",
+        "run pgoom on the host (Kubernetes hostPID + hostNetwork, docker --pid host --network "
+        "host) for netlink, or give --data-dir and let it use inotify, which works in any "
+        "namespace",
+    )
+
+
+def find_floor(can_set: Callable[[int], bool]) -> int:
+    """The lowest oom_score_adj the kernel accepts, by bisection over -1000..1000.
+
+    The kernel refuses a value below the target's oom_score_adj_min unless the writer has
+    CAP_SYS_RESOURCE, and accepts everything at or above it: acceptance is monotonic.
+    """
+    if can_set(OOM_SCORE_ADJ_MIN):
+        return OOM_SCORE_ADJ_MIN
+    low, high = OOM_SCORE_ADJ_MIN, OOM_SCORE_ADJ_MAX  # low refused, high accepted
+    if not can_set(high):
+        return OOM_SCORE_ADJ_MAX + 1  # nothing accepted: report as out of range
+    while high - low > 1:
+        middle = (low + high) // 2
+        if can_set(middle):
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def decide_cap_sys_resource(
+    effective: int, bounding: int, score: int, floor: int, initial_user_ns: Optional[bool] = True
+) -> CheckResult:
+    """The kernel asks capable(CAP_SYS_RESOURCE), i.e. in the *initial* user namespace: a
+    capability held inside another user namespace does not lift the floor."""
+    if has_capability(effective, CAP_SYS_RESOURCE) and initial_user_ns is not False:
+        return CheckResult(
+            "cap_sys_resource",
+            PASS,
+            "CAP_SYS_RESOURCE is effective: pgoom can set any oom_score_adj down to -1000",
+        )
+    if has_capability(effective, CAP_SYS_RESOURCE):
+        where = "the initial user namespace (it is held only inside a child user namespace)"
+    elif has_capability(bounding, CAP_SYS_RESOURCE):
+        where = "the effective set (the bounding set allows it)"
+    else:
+        where = "the bounding set"
+    needed = score < floor
+    detail = (
+        f"CAP_SYS_RESOURCE is missing from {where}: without it the kernel refuses any value "
+        f"below a process's floor (oom_score_adj_min, {floor} here)"
+    )
+    if needed:
+        return CheckResult(
+            "cap_sys_resource",
+            FAIL,
+            f"{detail}, so --score {score} is out of reach (EACCES)",
+            f"{CAP_FIX}; or choose --score {floor} or higher",
+        )
+    return CheckResult(
+        "cap_sys_resource",
+        WARN,
+        f"{detail}; --score {score} is reachable, values below {floor} are not",
+        f"to go lower (-900, -1000): {CAP_FIX}",
+    )
+
+
+def decide_cap_dac_override(effective: int, euid: int) -> CheckResult:
+    if has_capability(effective, CAP_DAC_OVERRIDE):
+        return CheckResult(
+            "cap_dac_override",
+            PASS,
+            "CAP_DAC_OVERRIDE is effective: pgoom can write oom_score_adj of processes of any user",
+        )
+    return CheckResult(
+        "cap_dac_override",
+        WARN,
+        f"CAP_DAC_OVERRIDE is missing: /proc/<pid>/oom_score_adj is writable by its owner "
+        f"only, so pgoom (uid {euid}) can adjust processes of uid {euid} only",
+        "run pgoom as the PostgreSQL user (uid 26 in the Percona image), or as root with "
+        "DAC_OVERRIDE (docker and Kubernetes grant it to root by default)",
+    )
+
+
+def decide_own_score(own: int, floor: int, score: int) -> CheckResult:
+    """`floor` is what the probe found: the lowest value a write by pgoom was accepted at,
+    which already accounts for CAP_SYS_RESOURCE (with it, -1000)."""
+    if floor <= OOM_SCORE_ADJ_MIN:
+        return CheckResult(
+            "oom_score_adj",
+            PASS,
+            f"pgoom runs at oom_score_adj {own}; its writes were accepted down to -1000 (no "
+            f"floor in effect), --score {score} is reachable",
+        )
+    floor_text = str(floor) if floor <= OOM_SCORE_ADJ_MAX else "above 1000 (every write refused)"
+    detail = (
+        f"pgoom runs at oom_score_adj {own}, floor {floor_text} (oom_score_adj_min, probed on a "
+        "child of pgoom: processes inherit it at fork, so a postmaster started under the "
+        "same runtime shares it)"
+    )
+    if score >= floor:
+        return CheckResult("oom_score_adj", PASS, f"{detail}: --score {score} is reachable")
+    return CheckResult(
+        "oom_score_adj",
+        FAIL,
+        f"{detail}: --score {score} is below the floor and the kernel refuses it",
+        f"choose --score {floor} or higher, or {CAP_FIX}, or start PostgreSQL from a parent "
+        "with a lower floor (a Guaranteed Kubernetes pod gets -997)",
+    )
+
+
+def parse_cgroup_v2_path(text: str) -> Optional[str]:
+    """The unified-hierarchy path ('0::/path') from /proc/<pid>/cgroup."""
+    for line in text.splitlines():
+        if line.startswith("0::"):
+            return line[3:] or "/"
+    return None
+
+
+def has_v1_memory(text: str) -> bool:
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3 and parts[0] != "0" and "memory" in parts[1].split(","):
+            return True
+    return False
+
+
+def parse_cgroup2_mount(mountinfo: str) -> Optional[tuple[str, str]]:
+    """(root inside the hierarchy, mount point) of the first cgroup2 mount."""
+    for line in mountinfo.splitlines():
+        left, sep, right = line.partition(" - ")
+        if not sep or not right.startswith("cgroup2 "):
+            continue
+        fields = left.split()
+        if len(fields) >= 5:
+            return _unescape(fields[3]), _unescape(fields[4])
+    return None
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
+
+
+def cgroup_dir(cgroup_path: str, mount_root: str, mount_point: str) -> str:
+    """Where the cgroup `cgroup_path` appears under `mount_point` (a container's cgroup2
+    mount may start below the hierarchy's root)."""
+    rel = cgroup_path
+    if mount_root != "/" and (rel == mount_root or rel.startswith(mount_root + "/")):
+        rel = rel[len(mount_root) :]
+    return mount_point.rstrip("/") + "/" + rel.lstrip("/")
+
+
+def decide_oom_group(
+    oom_group: Optional[str], where: str, v1_memory: bool, score: int
+) -> CheckResult:
+    if oom_group is None:
+        detail = (
+            "not applicable: the memory controller is on cgroup v1 here (a memcg OOM kills one "
+            "task; no group kill)"
+            if v1_memory
+            else f"not applicable: no memory.oom.group for {where} (no cgroup v2 memory controller)"
+        )
+        return CheckResult("memory.oom.group", PASS, detail)
+    if oom_group.strip() != "1":
+        return CheckResult(
+            "memory.oom.group", PASS, f"memory.oom.group={oom_group.strip()} in {where}"
+        )
+    if score == OOM_SCORE_ADJ_MIN:
+        return CheckResult(
+            "memory.oom.group",
+            PASS,
+            f"memory.oom.group=1 in {where}: a memcg OOM kills every task except those at "
+            "-1000, and --score is -1000",
+        )
+    return CheckResult(
+        "memory.oom.group",
+        WARN,
+        f"memory.oom.group=1 in {where}: a memcg OOM kills every task of the cgroup except "
+        f"those at exactly -1000, so a postmaster at {score} in this cgroup dies with its "
+        "backends",
+        "use --score -1000 (needs CAP_SYS_RESOURCE), or turn group kill off (kubelet "
+        "singleProcessOOMKill: true, Kubernetes 1.32+; or write 0 to memory.oom.group)",
+    )
+
+
+def parse_meminfo(text: str) -> dict[str, int]:
+    """/proc/meminfo values in kB."""
+    values: dict[str, int] = {}
+    for line in text.splitlines():
+        key, sep, rest = line.partition(":")
+        if sep and rest.split():
+            try:
+                values[key] = int(rest.split()[0])
+            except ValueError:
+                continue
+    return values
+
+
+def decide_overcommit(mode: int, ratio: Optional[int]) -> CheckResult:
+    if mode == 2:
+        return CheckResult(
+            "vm.overcommit_memory",
+            PASS,
+            f"vm.overcommit_memory=2 (ratio {ratio}): allocations fail instead of the host OOM "
+            "killer firing, as the PostgreSQL docs recommend",
+        )
+    what = "always overcommit" if mode == 1 else "heuristic overcommit"
+    return CheckResult(
+        "vm.overcommit_memory",
+        WARN,
+        f"vm.overcommit_memory={mode} ({what}): the host can run out of memory and call the "
+        "OOM killer; protecting the postmaster is the defence",
+        "on a dedicated database host: sysctl -w vm.overcommit_memory=2 (persist it in "
+        "/etc/sysctl.d/) with vm.overcommit_ratio high enough for PostgreSQL (about 90 without "
+        "swap); a container's memory limit is enforced by the OOM killer whatever this setting",
+    )
+
+
+def decide_swap(meminfo: dict[str, int], overcommit_mode: Optional[int]) -> CheckResult:
+    swap_kb = meminfo.get("SwapTotal", 0)
+    total_kb = meminfo.get("MemTotal", 0)
+    limit_kb = meminfo.get("CommitLimit", 0)
+    swap_text = f"{swap_kb // 1024} MiB of swap" if swap_kb else "no swap"
+    if overcommit_mode == 2 and total_kb and limit_kb < total_kb * 3 // 4:
+        return CheckResult(
+            "swap",
+            WARN,
+            f"{swap_text}; with vm.overcommit_memory=2 only {limit_kb // 1024} MiB may be "
+            f"committed ({100 * limit_kb // total_kb}% of {total_kb // 1024} MiB RAM): "
+            "PostgreSQL will see allocation failures early",
+            "raise vm.overcommit_ratio (e.g. 80-90 without swap) or add swap",
+        )
+    if not swap_kb:
+        return CheckResult(
+            "swap",
+            PASS,
+            "no swap: memory pressure goes straight to the OOM killer, which is what pgoom "
+            "guards against",
+        )
+    return CheckResult("swap", PASS, f"{swap_text}; CommitLimit {limit_kb // 1024} MiB")
+
+
+# --- gathering --------------------------------------------------------------------------
+
+
+def _text(path: str) -> Optional[str]:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+    except OSError:
+        return None
+
+
+def _ns_links(procfs: ProcFS, pid: int) -> dict[str, Optional[str]]:
+    links: dict[str, Optional[str]] = {}
+    for name in ("pid", "user", "net"):
+        try:
+            links[name] = procfs.readlink(pid, f"ns/{name}")
+        except (ProcessGone, AccessDenied, OSError):
+            links[name] = None
+    return links
+
+
+def gather_namespaces(procfs: ProcFS, netlink_acked: bool = False) -> NamespaceFacts:
+    kthreadd: Optional[dict[str, Optional[str]]] = None
+    try:
+        stat = parse_stat(procfs.read_text(2, "stat"))
+        if stat.comm == "kthreadd" and stat.ppid == 0:
+            kthreadd = _ns_links(procfs, 2)
+    except (ProcessGone, AccessDenied, OSError, ValueError):
+        kthreadd = None
+    me = os.getpid()
+    try:
+        uid_map: Optional[str] = procfs.read_text(me, "uid_map")
+    except (ProcessGone, AccessDenied, OSError):
+        uid_map = None
+    try:
+        nspid = len(procfs.status(me).get("NSpid", "x").split())
+    except (ProcessGone, AccessDenied, OSError):
+        nspid = 1
+    return NamespaceFacts(
+        own=_ns_links(procfs, me),
+        kthreadd=kthreadd,
+        pid1=_ns_links(procfs, 1),
+        uid_map=uid_map,
+        nspid_levels=nspid,
+        netlink_acked=netlink_acked,
+    )
+
+
+def probe_floor(procfs: ProcFS) -> int:
+    """Find the oom_score_adj floor by writing to a child of ours, never to ourselves: the
+    child inherits our oom_score_adj and oom_score_adj_min at fork, and a write that works
+    on it would work on any process that shares them. The child waits on a pipe and exits
+    when it closes (also if we die)."""
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        try:
+            os.close(write_end)
+            os.read(read_end, 1)
+        finally:
+            os._exit(0)
+    os.close(read_end)
+    try:
+
+        def can_set(value: int) -> bool:
+            try:
+                procfs.write_oom_score_adj(child, value)
+            except AccessDenied:
+                return False
+            return True
+
+        return find_floor(can_set)
+    finally:
+        os.close(write_end)
+        os.waitpid(child, 0)
+
+
+def _check_netlink(acked: list[bool]) -> CheckResult:
+    """Subscribe for real (watcher.sources.netlink requires the ack) and unsubscribe."""
+    from watcher.sources.netlink import NetlinkSource
+
+    # A small buffer: this subscription lives for a moment and reads nothing.
+    source = NetlinkSource(rcvbuf_bytes=1 << 20, ack_timeout_s=0.5)
+    try:
+        source.open()
+    except PgoomError as err:
+        return decide_netlink(str(err), False)
+    finally:
+        source.close()
+    acked.append(True)
+    return decide_netlink(None, source.filtered)
+
+
+def _check_inotify() -> CheckResult:
+    from watcher.sources.inotify import inotify_init
+
+    try:
+        fd = inotify_init()
+    except PgoomError as err:
+        return decide_inotify(str(err))
+    os.close(fd)
+    return decide_inotify(None)
+
+
+def _check_oom_group(procfs: ProcFS, score: int) -> CheckResult:
+    me = os.getpid()
+    cgroups = procfs.read_text(me, "cgroup")
+    v1_memory = has_v1_memory(cgroups)
+    path = parse_cgroup_v2_path(cgroups)
+    mount = parse_cgroup2_mount(procfs.read_text(me, "mountinfo"))
+    if path is None or mount is None:
+        return decide_oom_group(None, "this process", v1_memory, score)
+    directory = cgroup_dir(path, *mount)
+    return decide_oom_group(_text(f"{directory}/memory.oom.group"), directory, v1_memory, score)
+
+
+def run_checks(score: int, proc_root: str = "/proc") -> list[CheckResult]:
+    procfs = ProcFS(proc_root)
+    me = os.getpid()
+    status = procfs.status(me)
+    effective = capability_set(status, "CapEff")
+    bounding = capability_set(status, "CapBnd")
+    euid = status_uids(status)[1]
+    floor_cache: list[int] = []
+    acked: list[bool] = []
+    namespaces: list[NamespaceFacts] = []
+
+    def ns_facts() -> NamespaceFacts:
+        if not namespaces:
+            namespaces.append(gather_namespaces(procfs, bool(acked)))
+        return namespaces[0]
+
+    def floor() -> int:
+        if not floor_cache:
+            floor_cache.append(probe_floor(procfs))
+        return floor_cache[0]
+
+    def overcommit_mode() -> Optional[int]:
+        text = _text(f"{proc_root}/sys/vm/overcommit_memory")
+        return int(text) if text is not None and text.strip().isdigit() else None
+
+    def overcommit() -> CheckResult:
+        mode = overcommit_mode()
+        if mode is None:
+            return CheckResult(
+                "vm.overcommit_memory", WARN, "cannot read /proc/sys/vm/overcommit_memory"
+            )
+        ratio_text = _text(f"{proc_root}/sys/vm/overcommit_ratio")
+        ratio = int(ratio_text) if ratio_text and ratio_text.strip().isdigit() else None
+        return decide_overcommit(mode, ratio)
+
+    checks: list[tuple[str, Callable[[], CheckResult]]] = [
+        ("kernel", lambda: decide_kernel(os.uname().release)),
+        ("netlink", lambda: _check_netlink(acked)),
+        ("inotify", _check_inotify),
+        ("namespaces", lambda: decide_namespaces(ns_facts())),
+        (
+            "cap_sys_resource",
+            lambda: decide_cap_sys_resource(
+                effective, bounding, score, floor(), namespace_verdicts(ns_facts())["user"]
+            ),
+        ),
+        ("cap_dac_override", lambda: decide_cap_dac_override(effective, euid)),
+        ("oom_score_adj", lambda: decide_own_score(procfs.oom_score_adj(me), floor(), score)),
+        ("memory.oom.group", lambda: _check_oom_group(procfs, score)),
+        ("vm.overcommit_memory", overcommit),
+        (
+            "swap",
+            lambda: decide_swap(
+                parse_meminfo(_text(f"{proc_root}/meminfo") or ""), overcommit_mode()
+            ),
+        ),
+    ]
+    results = []
+    # The sources log at debug level while they open; the doctor's output is its report.
+    logger.disable("watcher")
+    try:
+        for name, check in checks:
+            try:
+                results.append(check())
+            except (PgoomError, OSError, ValueError, KeyError) as err:
+                # One check that cannot run must not hide the others.
+                reason = os.strerror(err.errno) if isinstance(err, OSError) and err.errno else err
+                results.append(
+                    CheckResult(
+                        name,
+                        WARN,
+                        f"could not check: {reason}",
+                        "run pgoom doctor as the user and in the container pgoom runs in",
+                    )
+                )
+    finally:
+        logger.enable("watcher")
+    return results
+
+
+# --- output -------------------------------------------------------------------------------
+
+
+def worst_exit_code(results: list[CheckResult]) -> int:
+    """0 when no check failed (warnings do not fail the doctor), else 1."""
+    return EXIT_CHECK_FAILED if any(r.status == FAIL for r in results) else EXIT_OK
+
+
+def worst_status(results: list[CheckResult]) -> str:
+    return max((r.status for r in results), key=_RANK.__getitem__, default=PASS)
+
+
+def render(results: list[CheckResult], as_json: bool) -> str:
+    code = worst_exit_code(results)
+    counts = {s: sum(r.status == s for r in results) for s in (PASS, WARN, FAIL)}
+    if as_json:
+        return json.dumps(
+            {
+                "status": worst_status(results),
+                "exit_code": code,
+                "counts": counts,
+                "checks": [asdict(r) for r in results],
+            },
+            indent=2,
+        )
+    width = max((len(r.name) for r in results), default=0)
+    lines = []
+    for result in results:
+        lines.append(f"{result.status.upper():<5} {result.name:<{width}}  {result.detail}")
+        if result.fix and result.status != PASS:
+            lines.append(f"{'':<5} {'':<{width}}  fix: {result.fix}")
+    lines.append(
+        f"{counts[FAIL]} failed, {counts[WARN]} warning(s), {counts[PASS]} passed: exit {code}"
+    )
+    return "\n".join(lines)
