@@ -334,7 +334,8 @@ def cgroup_dir(cgroup_path: str, mount_root: str, mount_point: str) -> str:
     rel = cgroup_path
     if mount_root != "/" and (rel == mount_root or rel.startswith(mount_root + "/")):
         rel = rel[len(mount_root) :]
-    return mount_point.rstrip("/") + "/" + rel.lstrip("/")
+    rel = rel.strip("/")
+    return f"{mount_point.rstrip('/')}/{rel}" if rel else mount_point
 
 
 def decide_oom_group(
