@@ -5,6 +5,7 @@ below 0, so protected means the postmaster at 0 while everything else stays at 1
 from __future__ import annotations
 
 import os
+import re
 import select
 import shutil
 import signal
@@ -163,12 +164,16 @@ def _children_at_1000(cluster: Cluster) -> bool:
 def test_watch_protects_postmaster_through_restarts(
     make_cluster: Callable[..., Cluster], pg_template: Template
 ) -> None:
-    name = f"pgt{uuid.uuid4().hex[:8]}"
+    # Not /pgdata/pg...: the default pattern of other watchers must not race this one.
+    name = f"ino{uuid.uuid4().hex[:8]}"
     data_dir = f"{PGDATA_ROOT}/{name}"
     lookalike_dir = f"{PGDATA_ROOT}/{name}-fake"
     watcher = Watcher(
         "--source",
         "inotify",
+        # Only our clusters: the start-up scan must not touch other postmasters.
+        "--pattern",
+        f"postgres -D {re.escape(data_dir)}( |$)",
         "--data-dir",
         data_dir,  # does not exist yet: created by make_cluster below
         "--data-dir",
