@@ -18,6 +18,7 @@ from typing import Optional
 from loguru import logger
 
 from watcher.errors import EXIT_CHECK_FAILED, EXIT_OK, AccessDenied, PgoomError, ProcessGone
+from watcher.match import validate_score
 from watcher.parse import (
     CAP_DAC_OVERRIDE,
     CAP_SYS_RESOURCE,
@@ -545,6 +546,8 @@ def _check_oom_group(procfs: ProcFS, score: int) -> CheckResult:
 
 
 def run_checks(score: int, proc_root: str = "/proc") -> list[CheckResult]:
+    """Run every check against target `score`. Raises UsageError for a score out of range."""
+    validate_score(score)
     procfs = ProcFS(proc_root)
     me = os.getpid()
     status = procfs.status(me)

@@ -92,3 +92,11 @@ def test_floor_probe_leaves_no_trace() -> None:
     assert read_score(os.getpid()) == before
     assert "floor 0" in results["oom_score_adj"].detail
     assert children_of(os.getpid()) == []
+
+
+def test_score_out_of_range_is_one_line_and_exit_2() -> None:
+    done = doctor("--score", "5000")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "pgoom: --score 5000 is out of range: use a value from -1000 to 1000"
+    ]
