@@ -175,13 +175,23 @@ test_docker_mode() {
   [ "$score" = 0 ] || fail "docker mode: postmaster at $score, want 0"
   [ "$main_uid" = 26 ] || fail "docker mode: CMD runs as uid $main_uid, want 26"
   grep -q "stand-in patroni: uid=26" <<<"$logs" || { echo "$logs" >&2; fail "docker mode: CMD did not run"; }
-  in_ctr "$c" "tr '\\0' '\\n' </proc/$pm/environ | grep -qx PG_OOM_ADJUST_VALUE=0" 2>/dev/null ||
-    in_ctr "$c" "true" # environ of uid 26 is readable by root in the container; checked below
+  in_ctr "$c" "tr '\\0' '\\n' </proc/$pm/environ" | grep -qx PG_OOM_ADJUST_VALUE=0 ||
+    fail "docker mode: PG_OOM_ADJUST_VALUE=0 not in the postmaster's environment"
   local child
   child=$(in_ctr "$c" "cat /proc/$pm/task/$pm/children" | awk '{print $1}')
   [ -n "$child" ] && log "docker mode: a postmaster child ($child) is at $(in_ctr "$c" "cat /proc/$child/oom_score_adj")"
   local mon capeff
-  mon=$(in_ctr "$c" "grep -l 'watcher.main' /proc/[0-9]*/cmdline 2>/dev/null | head -1 | cut -d/ -f3")
+  # The supervisor names itself pgoom-supervise; the monitor is its only child.
+  monitor_pid() {
+    in_ctr "$c" 'for p in /proc/[0-9]*; do
+        [ "$(cat $p/comm 2>/dev/null)" = pgoom-supervise ] && cat $p/task/*/children
+      done' 2>/dev/null | awk 'NF {print $1; exit}'
+  }
+  for _ in $(seq 1 100); do
+    mon=$(monitor_pid)
+    [ -n "$mon" ] && break
+    sleep 0.2
+  done
   [ -n "$mon" ] || { echo "$logs" >&2; fail "docker mode: no monitor process"; }
   capeff=$(in_ctr "$c" "awk '/^CapEff:/ {print \$2}' /proc/$mon/status")
   log "docker mode: monitor pid $mon CapEff $capeff"
