@@ -14,8 +14,8 @@ from watcher.config import (
     DEFAULT_INTERVAL_S,
     DEFAULT_LOG_FILE,
     DEFAULT_VERIFY_INTERVAL_S,
-    make_settings,
 )
+from watcher.config_file import DEFAULT_CONFIG_PATH
 from watcher.errors import PgoomError
 from watcher.match import DEFAULT_SCORE
 
@@ -76,6 +76,7 @@ ChildrenScore = Annotated[
 
 @app.command()
 def watch(
+    ctx: typer.Context,
     source: Annotated[
         str, typer.Option("--source", envvar="PGOOM_SOURCE", help="auto|netlink|inotify|poll")
     ] = "auto",
@@ -124,29 +125,48 @@ def watch(
         int,
         typer.Option("--rcvbuf", envvar="PGOOM_RCVBUF", help="Netlink receive buffer in bytes."),
     ] = 32 << 20,
+    metrics_address: Annotated[
+        str,
+        typer.Option(
+            "--metrics-address",
+            envvar="PGOOM_METRICS_ADDRESS",
+            help="Serve Prometheus metrics on HOST:PORT (e.g. 127.0.0.1:9187). Default: off.",
+        ),
+    ] = "",
+    config: Annotated[
+        Optional[str],
+        typer.Option(
+            "--config",
+            envvar="PGOOM_CONFIG",
+            help=f"TOML rules file (default {DEFAULT_CONFIG_PATH} if it exists; '' for none). "
+            "Options and PGOOM_* variables override it.",
+        ),
+    ] = None,
 ) -> None:
     """Protect postmasters as they start, and keep them protected."""
+    from watcher.config_file import resolve
     from watcher.watch import run_watch
 
+    params = dict(ctx.params)
+    params["pattern"] = _env_list(pattern, "PGOOM_PATTERN", "\n")
+    params["data_dir"] = _env_list(data_dir, "PGOOM_DATA_DIR", ":")
     try:
-        settings = make_settings(
-            patterns=_env_list(pattern, "PGOOM_PATTERN", "\n"),
-            data_dirs=_env_list(data_dir, "PGOOM_DATA_DIR", ":"),
-            score=score,
-            children_score=children_score,
-            source=source,
-            interval_s=interval,
-            verify_interval_s=verify_interval,
-            match_all=all_postmasters,
-            log_file=log_file or None,
-            log_json=log_json,
-            log_level=log_level.upper(),
-            dry_run=dry_run,
-            rcvbuf_bytes=rcvbuf,
-        )
-        run_watch(settings)
+        resolved = resolve(params, _explicit(ctx))
+        run_watch(resolved.settings, resolved.metrics_address, resolved.notes)
     except PgoomError as err:
         _fail(err)
+
+
+def _explicit(ctx: typer.Context) -> set[str]:
+    """Parameters given on the command line or through their PGOOM_* variable: these win
+    over the config file."""
+    given = {"COMMANDLINE", "ENVIRONMENT"}  # click's ParameterSource names
+    found = set()
+    for name in ctx.params:
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name in given:
+            found.add(name)
+    return found
 
 
 @app.command()

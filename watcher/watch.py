@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Optional
+
 from loguru import logger
 
+from watcher import sdnotify
 from watcher.config import Settings
 from watcher.engine import Engine
-from watcher.errors import AccessDenied, ProcessGone
+from watcher.errors import AccessDenied, PgoomError, ProcessGone
 from watcher.identity import inspect
 from watcher.logs import setup_logging
 from watcher.match import confirm, might_be_postmaster
@@ -37,9 +41,40 @@ def build_engine(settings: Settings) -> Engine:
     return Engine(settings, source, procfs)
 
 
-def run_watch(settings: Settings) -> None:
+def run_watch(
+    settings: Settings, metrics_address: Optional[str] = None, notes: Sequence[str] = ()
+) -> None:
+    """Log, subscribe, attach the listeners (systemd notification, metrics), run until
+    SIGTERM/SIGINT. Listeners are attached before the first scan, so READY=1 and the
+    metrics see everything from the start."""
     setup_logging(settings.log_file, settings.log_json, settings.log_level)
+    for note in notes:
+        logger.info("{}", note)
     if settings.dry_run:
         logger.info("dry run: nothing will be written")
-    engine = build_engine(settings)
-    engine.run()
+    notifier = sdnotify.Notifier()
+    metrics = None
+    try:
+        engine = build_engine(settings)
+        try:
+            if notifier.enabled:
+                sdnotify.attach_notifier(engine, notifier)
+            if metrics_address:
+                from watcher import metrics as metrics_module
+
+                metrics = metrics_module.attach(engine, metrics_address)
+                host, port = metrics.bound or ("", 0)
+                shown = f"[{host}]" if ":" in host else host
+                logger.info("metrics on http://{}:{}/metrics", shown, port)
+        except BaseException:
+            engine.source.close()
+            raise
+        engine.run()
+    except PgoomError as err:
+        notifier.failed(str(err))
+        raise
+    finally:
+        notifier.stopping()
+        notifier.close()
+        if metrics is not None:
+            metrics.close()
