@@ -369,7 +369,7 @@ def test_dry_run_writes_nothing(make_cluster: MakeCluster, watchers: list[Watche
         "--interval",
         "0.2",
         "--score",
-        "0",
+        "500",
         "--dry-run",
         "--verify-interval",
         "0.2",
@@ -380,8 +380,8 @@ def test_dry_run_writes_nothing(make_cluster: MakeCluster, watchers: list[Watche
     assert "dry run: nothing will be written" in watcher.text()
     cluster.start()
     pm = cluster.postmaster_pid()
-    line = watcher.wait_for_log(f"dry run: would set postmaster pid={pm} ")
-    assert re.search(rf"pid={pm} data_dir={cluster.data_dir} oom_score_adj \d+ -> 500", line)
+    log = watcher.wait_for_log(f"dry run: would set postmaster pid={pm} ")
+    assert re.search(rf"pid={pm} data_dir={cluster.data_dir} oom_score_adj \d+ -> 500\n", log)
     # Two periodic rescans (each also a verify tick) later, still untouched.
     scans = len(log_lines(watcher, "scanning /proc (periodic)"))
     wait_for(
