@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
 
 import pytest
 
@@ -150,3 +152,20 @@ def test_control_messages_have_the_kernel_layout() -> None:
 
     ignore = _control_message(PROC_CN_MCAST_IGNORE, ack=0)
     assert struct.unpack_from("=I", ignore, 36) == (PROC_CN_MCAST_IGNORE,)
+
+
+def test_the_light_pyroute2_import_leaves_the_whole_package_usable() -> None:
+    """The connector classes load without pyroute2/__init__.py (RSS), yet a later
+    `from pyroute2 import IPRoute` in the same process still gets the real package."""
+    code = (
+        "import sys\n"
+        "from watcher.sources.netlink import _control_message, _pyroute2_connector\n"
+        "_pyroute2_connector()\n"
+        "assert 'pyroute2.ndb' not in sys.modules, 'pyroute2/__init__ ran'\n"
+        "assert len(_control_message(1, 5)) == 40\n"
+        "from pyroute2 import IPRoute\n"
+        "import pyroute2\n"
+        "assert pyroute2.IPRoute is IPRoute and 'pyroute2.ndb' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
