@@ -6,16 +6,15 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
-from tests.support.pg import Cluster, children_of, read_score, wait_for
+from tests.support.pg import Cluster, Template, children_of, read_score, wait_for
 
 pytestmark = pytest.mark.root
 
 PGOOM = [sys.executable, "-m", "watcher"]
-MakeCluster = Callable[..., Cluster]
 
 
 def pgoom(*args: str) -> subprocess.CompletedProcess[str]:
@@ -32,34 +31,47 @@ def one_line_error(done: subprocess.CompletedProcess[str], code: int) -> str:
     return lines[0]
 
 
-@pytest.fixture
-def running(make_cluster: MakeCluster) -> Iterator[tuple[Cluster, int, int]]:
-    """A started cluster with one busy backend: (cluster, postmaster, backend)."""
-    cluster = make_cluster()
-    pm = cluster.start()
-    aux = set(children_of(pm))
-    session = subprocess.Popen(
-        [
-            f"{cluster.bindir}/psql",
-            "-h",
-            cluster.socket_dir,
-            "-U",
-            "postgres",
-            "-XAtq",
-            "-c",
-            "select pg_sleep(60)",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+@pytest.fixture(scope="module")
+def cluster_with_backend(pg_template: Template) -> Iterator[tuple[Cluster, int, int]]:
+    """One started cluster with one busy backend for the module: (cluster, pm, backend)."""
+    cluster = Cluster(pg_template)
+    session = None
     try:
+        pm = cluster.start()
+        aux = set(children_of(pm))
+        session = subprocess.Popen(
+            [
+                f"{cluster.bindir}/psql",
+                "-h",
+                cluster.socket_dir,
+                "-U",
+                "postgres",
+                "-XAtq",
+                "-c",
+                "select pg_sleep(300)",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
         backend = wait_for(
             lambda: next(iter(set(children_of(pm)) - aux), None), 10, what="a backend"
         )
         assert isinstance(backend, int)
         yield cluster, pm, backend
     finally:
-        session.kill()
-        session.wait()
+        if session is not None:
+            session.kill()
+            session.wait()
+        cluster.destroy()
+
+
+@pytest.fixture
+def running(cluster_with_backend: tuple[Cluster, int, int]) -> tuple[Cluster, int, int]:
+    """The module's cluster with every process back at 1000 (raising is always allowed)."""
+    _, pm, _ = cluster_with_backend
+    for pid in [pm, *children_of(pm)]:
+        with open(f"/proc/{pid}/oom_score_adj", "w") as f:
+            f.write("1000")
+    return cluster_with_backend
 
 
 def status_rows(*args: str) -> dict[int, dict[str, object]]:
