@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -108,6 +108,15 @@ def watch(
             help="Protect every verified postmaster, whatever its command line.",
         ),
     ] = False,
+    fallback: Annotated[
+        bool,
+        typer.Option(
+            "--fallback/--no-fallback",
+            envvar="PGOOM_FALLBACK",
+            help="When no rule matches any process, protect the postgres process that is the "
+            "parent of others, else the only one (the seed's methods b and c).",
+        ),
+    ] = True,
     log_file: Annotated[
         str, typer.Option("--log-file", envvar="PGOOM_LOG_FILE", help="Log file ('' for none).")
     ] = DEFAULT_LOG_FILE,
@@ -147,17 +156,22 @@ def watch(
     from watcher.config_file import resolve
     from watcher.watch import run_watch
 
-    params = dict(ctx.params)
-    params["pattern"] = _env_list(pattern, "PGOOM_PATTERN", "\n")
-    params["data_dir"] = _env_list(data_dir, "PGOOM_DATA_DIR", ":")
     try:
-        resolved = resolve(params, _explicit(ctx))
+        resolved = resolve(watch_params(ctx), explicit_params(ctx))
         run_watch(resolved.settings, resolved.metrics_address, resolved.notes)
     except PgoomError as err:
         _fail(err)
 
 
-def _explicit(ctx: typer.Context) -> set[str]:
+def watch_params(ctx: typer.Context) -> dict[str, Any]:
+    """The parsed options, with the list options' env vars read."""
+    params = dict(ctx.params)
+    params["pattern"] = _env_list(params.get("pattern"), "PGOOM_PATTERN", "\n")
+    params["data_dir"] = _env_list(params.get("data_dir"), "PGOOM_DATA_DIR", ":")
+    return params
+
+
+def explicit_params(ctx: typer.Context) -> set[str]:
     """Parameters given on the command line or through their PGOOM_* variable: these win
     over the config file."""
     given = {"COMMANDLINE", "ENVIRONMENT"}  # click's ParameterSource names

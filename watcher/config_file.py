@@ -40,6 +40,7 @@ OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "interval": (int, float),
     "verify_interval": (int, float),
     "all": (bool,),
+    "fallback": (bool,),
     "log_file": (str,),
     "log_json": (bool,),
     "log_level": (str,),
@@ -302,6 +303,7 @@ def resolve(params: dict[str, Any], explicit: set[str]) -> Resolved:
         log_json=bool(pick("log_json")),
         log_level=str(pick("log_level")).upper(),
         dry_run=bool(pick("dry_run")),
+        fallback=bool(pick("fallback")),
         rcvbuf_bytes=int(pick("rcvbuf")),
     )
     if use_file_rules:

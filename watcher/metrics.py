@@ -65,11 +65,13 @@ def parse_address(text: str) -> tuple[str, int]:
 class EngineCollector(Collector):
     """Reads the engine's counters when Prometheus scrapes."""
 
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
+    def __init__(self) -> None:
+        self.engine: Any = None  # set once the source is subscribed
 
     def collect(self) -> Iterator[Metric]:
         engine = self.engine
+        if engine is None:
+            return
         counters = engine.counters
         source_name = engine.source.name
         events = CounterMetricFamily(
@@ -144,10 +146,10 @@ class EngineCollector(Collector):
 class Metrics:
     """The registry, the listener that feeds it, and the HTTP server."""
 
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(EngineCollector(engine))
+    def __init__(self) -> None:
+        self.collector = EngineCollector()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self.collector)
         self.ready = Gauge(
             "pgoom_ready",
             "1 once pgoom is subscribed and has scanned /proc once.",
@@ -207,9 +209,15 @@ class Metrics:
             self._server.server_close()
             self._server = None
 
+    def attach(self, engine: Any) -> None:
+        """Follow `engine`: its listener events, and its counters at every scrape."""
+        engine.listeners.append(self.on_event)
+        self.collector.engine = engine
 
-def attach(engine: Any, address: str) -> Metrics:
-    metrics = Metrics(engine)
-    engine.listeners.append(metrics.on_event)
+
+def start(address: str) -> Metrics:
+    """Listen first, before the source is subscribed: a bad or busy address is reported
+    before anything else happens."""
+    metrics = Metrics()
     metrics.serve(address)
     return metrics

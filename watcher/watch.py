@@ -55,20 +55,18 @@ def run_watch(
     notifier = sdnotify.Notifier()
     metrics = None
     try:
-        engine = build_engine(settings)
-        try:
-            if notifier.enabled:
-                sdnotify.attach_notifier(engine, notifier)
-            if metrics_address:
-                from watcher import metrics as metrics_module
+        if metrics_address:
+            from watcher import metrics as metrics_module
 
-                metrics = metrics_module.attach(engine, metrics_address)
-                host, port = metrics.bound or ("", 0)
-                shown = f"[{host}]" if ":" in host else host
-                logger.info("metrics on http://{}:{}/metrics", shown, port)
-        except BaseException:
-            engine.source.close()
-            raise
+            metrics = metrics_module.start(metrics_address)
+            host, port = metrics.bound or ("", 0)
+            shown = f"[{host}]" if ":" in host else host
+            logger.info("metrics on http://{}:{}/metrics", shown, port)
+        engine = build_engine(settings)
+        if notifier.enabled:
+            sdnotify.attach_notifier(engine, notifier)
+        if metrics is not None:
+            metrics.attach(engine)
         engine.run()
     except PgoomError as err:
         notifier.failed(str(err))
