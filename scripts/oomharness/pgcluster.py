@@ -4,6 +4,7 @@ plus client sessions (psql over the unix socket) that hold memory in their backe
 from __future__ import annotations
 
 import os
+import re
 import selectors
 import signal
 import subprocess
@@ -131,7 +132,12 @@ class HarnessCluster(Cluster):
         except subprocess.TimeoutExpired:
             return False, "timed out"
         ok = done.returncode == 0 and done.stdout.strip() == "1"
-        return ok, "" if ok else (done.stderr.strip().splitlines() or ["?"])[-1]
+        if ok:
+            return True, ""
+        # 'psql: error: connection to server on socket "/tmp/.../.s.PGSQL.5432" failed: No
+        # such file or directory': keep what failed, drop the path.
+        first = (done.stderr.strip().splitlines() or ["?"])[0]
+        return False, re.sub(r'socket "[^"]*"', "socket", first.removeprefix("psql: error: "))
 
     def wait_connectable(self, timeout_s: float, interval_s: float = 0.01) -> Optional[float]:
         """Seconds until a connection succeeds, or None after `timeout_s`."""
