@@ -53,7 +53,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--limit-mb", type=int, default=Config.limit_mb, help="cgroup limit")
     parser.add_argument(
-        "--hold-mb", type=int, default=Config.hold_mb, help="MiB each idle backend holds (0: calibrate below the postmaster)"
+        "--hold-mb",
+        type=int,
+        default=Config.hold_mb,
+        help="MiB each idle backend holds (0: calibrate below the postmaster)",
     )
     parser.add_argument(
         "--score", type=int, default=Config.score, help="pgoom watch --score (the postmaster)"
