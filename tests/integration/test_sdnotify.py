@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -131,3 +135,28 @@ def test_no_ready_when_startup_fails(notify: NotifySocket) -> None:
     assert not any("READY=1" in r for r in received), received
     assert any(r.startswith("STATUS=failed: ") for r in received), received
     assert any("STOPPING=1" in r for r in received), received
+
+
+def test_the_unit_file_verifies_clean(tmp_path: Path) -> None:
+    """`systemd-analyze verify` on deploy/systemd/pgoom.service, with ExecStart pointed at
+    this checkout's pgoom (the unit names the installed path) and without the man-page
+    lookup (pgoom(1) is not installed here)."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    root = Path(__file__).resolve().parents[2]
+    pgoom = Path(sys.executable).with_name("pgoom")
+    if not pgoom.exists():
+        pytest.skip(f"{pgoom} is not installed (pip install -e .)")
+    text = (root / "deploy/systemd/pgoom.service").read_text()
+    assert "ExecStart=/opt/pgoom/bin/pgoom " in text
+    unit = tmp_path / "pgoom.service"
+    unit.write_text(text.replace("/opt/pgoom/bin/pgoom", str(pgoom)))
+    done = subprocess.run(
+        [analyze, "verify", "--man=no", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr
