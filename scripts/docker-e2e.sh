@@ -2,7 +2,7 @@
 # End-to-end test of the pgoom image with a real Docker on the real kernel, as root:
 #   bash scripts/docker-e2e.sh            # everything (install, dockerd, base, image, checks)
 #   bash scripts/docker-e2e.sh base       # only (re)build the stand-in base
-#   REBUILD_BASE=1 bash scripts/docker-e2e.sh
+#   REBUILD_BASE=1 NO_CACHE=1 bash scripts/docker-e2e.sh   # from scratch (the CI case)
 #
 # Docker Hub cannot be reached from the test machines, so the Percona base is replaced by a
 # stand-in that has what the Dockerfile relies on: Debian bookworm (debootstrap minbase),
@@ -136,7 +136,7 @@ build_standin_base() {
 
 build_image() {
   # BuildKit for the secret mount: pip in the build stage must trust the host's CA bundle.
-  DOCKER_BUILDKIT=1 "$DOCKER" build --network host \
+  DOCKER_BUILDKIT=1 "$DOCKER" build --network host ${NO_CACHE:+--no-cache} \
     --secret "id=ca,src=$CA_BUNDLE" \
     --build-arg "BASE_IMAGE=$BASE_TAG" --build-arg PG_MAJOR=16 \
     -t "$IMAGE_TAG" . >"$WORK/build.log" 2>&1 || { tail -40 "$WORK/build.log" >&2; fail "docker build"; }
