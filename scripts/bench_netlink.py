@@ -224,6 +224,9 @@ def reader_main(kind: str, out_path: str) -> None:
     def on_term(_signum: int, _frame: object) -> None:
         raise Stop
 
+    from loguru import logger
+
+    logger.remove()  # the readers print nothing but their figures
     count = 0
     errors = 0
     sock_dup: Optional[socket.socket] = None
@@ -297,6 +300,8 @@ def reader_main(kind: str, out_path: str) -> None:
             },
             f,
         )
+    # pyroute2's asyncio queue, interrupted mid-get(), complains at interpreter shutdown.
+    os._exit(0)
 
 
 def run_readers(execs: int, backlog: bool) -> dict[str, dict[str, Any]]:
@@ -415,14 +420,17 @@ def bench_storm(template: Template, execs: int, postmasters: int) -> dict[str, A
 def bench_idle(idle_s: float) -> dict[str, Any]:
     from watcher.sources.netlink import NetlinkSource
 
-    with watching("--source", "netlink", "--score", "0", "--pattern", "^no-such-postmaster$") as w:
+    # Nothing to protect (a data-dir rule for a directory that does not exist also keeps the
+    # seed's fallbacks from adopting other postmasters on the host): no verify timer either.
+    nothing = ["--pattern", "^no-such-postmaster$", "--data-dir", "/nonexistent/pgoom-bench-idle"]
+    with watching("--source", "netlink", "--score", "0", *nothing) as w:
         time.sleep(1.0)  # settle after start-up
         counter = NetlinkSource(rcvbuf_bytes=32 << 20, ack_timeout_s=1.0)
         counter.open()  # exec-only, like the watcher: what could legitimately wake it
         pid = w.proc.pid
         v0 = status_field(pid, "voluntary_ctxt_switches")
         n0 = status_field(pid, "nonvoluntary_ctxt_switches")
-        time.sleep(idle_s)
+        blocked = sample_blocking_syscalls(pid, idle_s)
         v1 = status_field(pid, "voluntary_ctxt_switches")
         n1 = status_field(pid, "nonvoluntary_ctxt_switches")
         counter.read()
@@ -436,9 +444,44 @@ def bench_idle(idle_s: float) -> dict[str, Any]:
         f"({wakeups / idle_s:.2f}/s), {n1 - n0} involuntary; exec events on the host in the "
         f"window: {host_execs} (each may wake the watcher once)"
     )
+    print(
+        "  where it sleeps (sampled /proc/<pid>/syscall once a second): "
+        + ", ".join(f"{what} x{n}" for what, n in sorted(blocked.items()))
+    )
     print(f"  RSS {rss_kb / 1024:.1f} MiB (VmRSS), peak {hwm_kb / 1024:.1f} MiB (VmHWM)")
     rss_breakdown()
     return {"wakeups": wakeups, "host_execs": host_execs, "rss_kb": rss_kb, "hwm_kb": hwm_kb}
+
+
+# x86_64 syscall numbers of the waits an event loop may sleep in, and the index of their
+# timeout argument in /proc/<pid>/syscall (after the number).
+WAITS = {
+    "232": ("epoll_wait", 4),
+    "281": ("epoll_pwait", 4),
+    "441": ("epoll_pwait2", 4),
+    "7": ("poll", 3),
+    "271": ("ppoll", 3),
+    "23": ("select", 5),
+    "270": ("pselect6", 5),
+}
+
+
+def sample_blocking_syscalls(pid: int, duration_s: float) -> dict[str, int]:
+    """What the process is blocked in, once a second: a wait with timeout -1 (no timer) is
+    the proof that no polling loop hides in event mode."""
+    seen: dict[str, int] = {}
+    end = time.monotonic() + duration_s
+    while time.monotonic() < end:
+        time.sleep(min(1.0, max(0.0, end - time.monotonic())))
+        with open(f"/proc/{pid}/syscall") as f:
+            fields = f.read().split()
+        name, arg = WAITS.get(fields[0], (f"syscall {fields[0]}", 0))
+        if arg:
+            raw = int(fields[arg], 16) & 0xFFFFFFFF
+            timeout = raw - (1 << 32) if raw >= 1 << 31 else raw
+            name += " (no timeout)" if timeout == -1 else f" (timeout arg {fields[arg]})"
+        seen[name] = seen.get(name, 0) + 1
+    return seen
 
 
 def rss_breakdown() -> None:
@@ -451,6 +494,9 @@ def rss_breakdown() -> None:
         "last = rss(); print('python', last)\n"
         "for name in sys.argv[1:]:\n"
         "    importlib.import_module(name); now = rss(); print(name, now - last); last = now\n"
+        "from watcher.sources.netlink import _pyroute2_connector\n"
+        "_pyroute2_connector(); print('pyroute2-connector', rss() - last); last = rss()\n"
+        "import pyroute2.iproute; print('pyroute2-rest-of-package-if-imported', rss() - last)\n"
     )
     mods = [
         "loguru",
@@ -458,8 +504,8 @@ def rss_breakdown() -> None:
         "typer",
         "watcher.cli",
         "watcher.engine",
+        "watcher.watch",
         "watcher.sources.netlink",
-        "pyroute2.netlink.connector.cn_proc",
     ]
     out = subprocess.run(
         [sys.executable, "-c", code, *mods], capture_output=True, text=True, check=True, cwd=ROOT
