@@ -29,4 +29,14 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 fi
 .venv39/bin/python --version
 .venv39/bin/python -m watcher --help >/dev/null
+# Option declarations and their PGOOM_* variables must survive the 3.9 typer (regression:
+# string annotations made typer < 0.24 ignore them, turning --json into --json-output).
+.venv39/bin/python -m watcher status --json >/dev/null
+set +e
+out=$(PGOOM_SCORE=5000 .venv39/bin/python -m watcher watch --log-file '' 2>&1); rc=$?
+set -e
+if [ "$rc" -ne 2 ] || [ "$out" != "pgoom: --score 5000 is out of range: use a value from -1000 to 1000" ]; then
+  echo "py39-smoke: PGOOM_SCORE not honoured on 3.9 (exit $rc): $out" >&2
+  exit 1
+fi
 .venv39/bin/python -m pytest -q -p no:cacheprovider tests/unit

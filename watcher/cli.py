@@ -1,8 +1,9 @@
 """The typer layer: parse options, call the engine and the plain modules, map errors to exit
 codes. No logic lives here. Every option has a PGOOM_* environment variable."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: typer before 0.24 (the newest on Python 3.9,
+# the Percona image's python3) reads string annotations through get_type_hints() without
+# extras, which drops every Annotated option declaration and its PGOOM_* env var.
 import os
 import sys
 from typing import Annotated, Any, Optional
