@@ -151,11 +151,19 @@ def _supervise(
     main_pid: int, main_start: Optional[str], main_pidfd: Optional[int], argv: list[str]
 ) -> None:
     code = 0
+    supervisor = Supervisor(main_pid, main_start, main_pidfd, argv)
     try:
-        Supervisor(main_pid, main_start, main_pidfd, argv).run()
-    except BaseException as err:  # B must end quietly, never unwind into P's code
-        say(f"monitor supervisor failed: {err!r}")
+        supervisor.run()
+    except BaseException as err:  # B must never unwind into P's code
+        say(f"monitor supervisor failed: {err!r}; the monitor is not restarted")
         code = 1
+        # Even so, B must not end before P: where P is PID 1, B is CMD's child and would be
+        # left a zombie. (M, if any, ends by its parent-death signal when B does.)
+        try:
+            while not supervisor.main_gone():
+                supervisor.wait_main(POLL_S)
+        except BaseException:
+            pass
     finally:
         os._exit(code)
 
@@ -191,11 +199,14 @@ class Supervisor:
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.close(null)
-        set_process_name("pgoom-supervise")
+        try:
+            set_process_name("pgoom-supervise")
+        except Exception:
+            pass  # only cosmetic: ps shows the parent's name
         try:
             kept = keep_only(MONITOR_CAPS)
-        except PrivilegeError as err:
-            say(f"warning: the monitor keeps more capabilities than it needs: {err}")
+        except (PrivilegeError, OSError) as err:
+            say(f"warning: monitor capabilities: {err}")
         else:
             missing = [c for c in MONITOR_CAPS if not kept & (1 << c)]
             if missing:
@@ -209,6 +220,12 @@ class Supervisor:
             ready, _, _ = select.select([self.main_pidfd], [], [], 0)
             return bool(ready)
         return _start_time(self.main_pid) != self.main_start
+
+    def wait_main(self, timeout_s: float) -> None:
+        if self.main_pidfd is not None:
+            select.select([self.main_pidfd], [], [], timeout_s)
+        else:
+            time.sleep(timeout_s)
 
     def timeout(self, now: float) -> Optional[float]:
         if self.child is None:

@@ -224,7 +224,8 @@ def keep_only(caps: tuple[int, ...]) -> int:
     root cannot bring the rest back: root's permitted set after exec is the bounding set),
     then no ambient or inheritable capabilities, no_new_privs, and permitted = effective =
     `caps` (only those this process has). Returns the mask kept. Without CAP_SETPCAP the
-    bounding set cannot shrink: PrivilegeError says so after the rest is done."""
+    bounding set cannot shrink: PrivilegeError says so after the rest is done -- the rest
+    suffices, as no_new_privs limits root's exec to the permitted set it had."""
     wanted = 0
     for cap in caps:
         wanted |= 1 << cap
@@ -236,7 +237,10 @@ def keep_only(caps: tuple[int, ...]) -> int:
         try:
             prctl(PR_CAPBSET_DROP, cap)
         except PrivilegeError as err:
-            bounding_error = f"cannot narrow the bounding set ({err}; CAP_SETPCAP missing)"
+            bounding_error = (
+                f"cannot narrow the bounding set ({err}: no CAP_SETPCAP); no_new_privs still "
+                "holds the monitor to the permitted set across exec"
+            )
             break
     try:
         prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
