@@ -111,7 +111,8 @@ def parse(lines: list[str], memcg_path: str, pids: Optional[set[int]] = None) ->
         if constraint:
             in_group = constraint.group(1) == memcg_path
             if in_group:
-                report.tasks.update(pending_tasks)
+                if not report.tasks:  # the first OOM's dump: the state that decided
+                    report.tasks.update(pending_tasks)
                 report.lines.append(line)
             columns = []
             continue

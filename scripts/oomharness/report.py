@@ -32,7 +32,8 @@ def _victims(group: Group) -> str:
     for run in group.runs:
         for victim in run.victims:
             counts[f"{victim.role} ({victim.name}, adj {victim.oom_score_adj})"] += 1
-    return ", ".join(f"{name} x{n}" for name, n in counts.most_common()) or "none"
+    # In order of first kill: unprotected, the postmaster goes first and its orphans after.
+    return ", ".join(f"{name} x{n}" for name, n in counts.items()) or "none"
 
 
 def _recovery(group: Group) -> str:
@@ -92,14 +93,14 @@ def details(groups: list[Group], storm: Optional[tuple[Group, list[StormCycle]]]
             continue
         first = group.runs[0]
         scores = "; ".join(
-            f"{role} " + ", ".join(f"{adj}x{n}" for adj, n in counts.items())
+            f"{role}: " + ", ".join(f"{adj} x {n}" for adj, n in counts.items())
             for role, counts in sorted(first.scores.items())
         )
         sizes = ", ".join(f"{role} {mb} MiB" for role, mb in sorted(first.rss_mb.items()))
         out.append(f"**{group.scenario} / {group.mode}** (run 1 of {len(group.runs)})")
         out.append("")
-        out.append(f"- oom_score_adj before the OOM (role scorexprocesses): {scores}")
-        out.append(f"- largest RSS per role: {sizes}")
+        out.append(f"- oom_score_adj (role: score x processes), from {first.view}: {scores}")
+        out.append(f"- largest RSS per role, same source: {sizes}")
         if first.hold_mb:
             out.append(
                 f"- sessions opened before the OOM: {first.sessions_before_oom} holding "
@@ -120,6 +121,9 @@ def details(groups: list[Group], storm: Optional[tuple[Group, list[StormCycle]]]
             out.append(f"- `pgoom verify` exit codes: {group.verify_codes}")
         for line in first.kernel_lines:
             out.append(f"- kernel: `{line.strip()[:220]}`")
+        notes = sorted({n for r in group.runs for n in r.notes})
+        for note in notes:
+            out.append(f"- note: {note}")
         problems = group.problems + [p for r in group.runs for p in r.problems]
         for problem in problems:
             out.append(f"- PROBLEM: {problem}")

@@ -95,6 +95,8 @@ class RunResult:
     rss_mb: dict[str, float] = field(default_factory=dict)  # role -> largest RSS seen
     kernel_lines: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    view: str = "the harness's last look at /proc before the OOM"
 
     @property
     def rows_lost(self) -> Optional[int]:
@@ -331,6 +333,8 @@ class Harness:
             except TimeoutError:
                 run.problems.append("kernel log had fewer kills than the oom_kill counter")
         run.oom_kills = monitor.kills
+        if report.tasks:
+            self._record_kernel_view(run, report, snap)
         pm = next((pid for pid, v in snap.items() if v[0] == "postmaster"), None)
         if pm is not None and pm in report.tasks:
             adj = report.tasks[pm]["oom_score_adj"]
@@ -345,6 +349,27 @@ class Harness:
             run.victims.append(Victim(kill.pid, kill.comm, role, kill.oom_score_adj))
         if not self.kernel.available and monitor.kills:
             run.victims.append(Victim(0, "?", "unknown (no /dev/kmsg)", 0))
+
+    def _record_kernel_view(
+        self, run: RunResult, report: kmsg.OomReport, snap: dict[int, tuple[str, int, float]]
+    ) -> None:
+        """Scores and sizes as the kernel saw them when it chose (its task dump), which
+        beats the harness's last look at /proc: the hog, for one, grew after that look."""
+        page_mb = os.sysconf("SC_PAGE_SIZE") / 2**20
+        scores: dict[str, Counter[int]] = {}
+        sizes: dict[str, float] = {}
+        for pid, task in report.tasks.items():
+            name = str(task["name"])
+            role = snap[pid][0] if pid in snap else ("backend" if name == "postgres" else name)
+            adj = task["oom_score_adj"]
+            pages = task["rss_pages"]
+            if not isinstance(adj, int) or not isinstance(pages, int):
+                continue
+            scores.setdefault(role, Counter())[adj] += 1
+            sizes[role] = round(max(sizes.get(role, 0.0), pages * page_mb), 1)
+        run.scores = {role: dict(sorted(c.items())) for role, c in scores.items()}
+        run.rss_mb = sizes
+        run.view = "kernel task dump at the first OOM kill"
 
     def recover(
         self, cluster: HarnessCluster, run: RunResult, pm: int, monitor: OomMonitor, group: Group
@@ -418,7 +443,9 @@ class Harness:
                 if done.ok:
                     run.problems.append(f"the big query finished without an OOM: {done.lines}")
             elif run.scenario == HOG:
-                snap = self._fill(cluster, run, pm, monitor, sessions, self.config.hog_neighbours)
+                snap = self._fill(
+                    cluster, run, pm, monitor, sessions, self.config.hog_neighbours, push=False
+                )
                 if monitor.kills == 0:
                     self._keep_baseline_score(run, pm)
                     hog = self._start_hog()
@@ -452,10 +479,12 @@ class Harness:
         monitor: OomMonitor,
         sessions: list[Session],
         limit: int,
+        push: bool = True,
     ) -> dict[int, tuple[str, int, float]]:
-        """Open sessions one by one, each growing its backend by 1 MiB steps to hold_mb: no
+        """Open sessions one by one, each growing its backend in small steps to hold_mb: no
         single backend ever outgrows the postmaster, so when the last step pushes the group
-        over its limit, the postmaster is the largest process. Stops at the first kill."""
+        over its limit, the postmaster is the largest process. Stops at the first kill.
+        With `push`, if `limit` sessions fit, the last one keeps growing until the OOM."""
         snap = self.snapshot(pm)
         hold_mb = self.config.hold_mb
         for _ in range(limit):
@@ -478,6 +507,16 @@ class Harness:
             run.sessions_before_oom = len(sessions)
             run.usage_mb_before = round(self.cgroup.usage_bytes() / 2**20, 1)
             snap = self.snapshot(pm)
+        else:
+            if push and sessions:
+                # All sessions fit (a small postmaster forces a small hold): one more,
+                # unbounded allocation. Its backend becomes the largest process.
+                run.notes.append(f"{limit} sessions fit: pushed with one large allocation")
+                sessions[-1].run(
+                    "select count(set_config('pgoom.push' || i, repeat('x', 131072), false)) "
+                    f"from generate_series(1, {self.config.limit_mb * 8}) i;",
+                    120,
+                )
         return snap
 
     def _calibrate(self, session: Session, pm: int) -> int:
@@ -663,6 +702,7 @@ def describe(run: RunResult) -> str:
     victims = ", ".join(f"{v.role} {v.pid} (adj {v.oom_score_adj})" for v in run.victims) or "none"
     recovery = f"{run.recovery_s:.3f} s" if run.recovery_s is not None else "-"
     problems = f" PROBLEMS: {'; '.join(run.problems)}" if run.problems else ""
+    problems += f" ({'; '.join(run.notes)})" if run.notes else ""
     return (
         f"{run.scenario}/{run.mode} #{run.index}: kills {run.oom_kills}, victims {victims}, "
         f"postmaster {'survived' if run.postmaster_survived else 'KILLED'}, "
