@@ -12,6 +12,7 @@ import os
 import posixpath
 from typing import Optional
 
+from watcher.binary import is_postgres_server
 from watcher.errors import AccessDenied, ProcessGone
 from watcher.match import Facts
 from watcher.parse import (
@@ -42,6 +43,7 @@ def inspect(
         binary: Optional[str] = binary_name(procfs.exe(pid))
     except AccessDenied:
         binary = None
+    is_server = is_postgres_server(procfs.path(pid, "exe")) if binary in POSTGRES_BINARIES else None
 
     data_dir = _data_dir(procfs, pid, argv)
     data_dir_uid: Optional[int] = None
@@ -74,6 +76,7 @@ def inspect(
         argv=argv,
         uid=uid,
         binary=binary,
+        binary_is_server=is_server,
         data_dir=data_dir,
         data_dir_uid=data_dir_uid,
         pidfile=pidfile,

@@ -93,6 +93,7 @@ class Facts:
     pidfile: Optional[PidFile]
     pidfile_state: str  # "ok", "missing" (or half-written), "unreadable"
     pidfile_names_live_postgres: bool = False  # it names another PID that is a live postgres
+    binary_is_server: Optional[bool] = None  # by content (watcher.binary); None: not checked
 
     @property
     def pid(self) -> int:
@@ -116,6 +117,8 @@ def confirm(facts: Facts) -> Verdict:
     if facts.binary is not None:
         if facts.binary not in POSTGRES_BINARIES:
             return Verdict(False, f"executable is {facts.binary}, not postgres")
+        if facts.binary_is_server is False:
+            return Verdict(False, f"executable {facts.binary} is not a PostgreSQL server binary")
     elif facts.stat.comm not in POSTGRES_BINARIES:
         return Verdict(False, f"command is {facts.stat.comm}, not postgres")
     if is_title_rewritten(facts.argv):
