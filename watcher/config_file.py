@@ -94,6 +94,7 @@ def read_config(path: str, required: bool) -> Optional[ConfigFile]:
     """Parse and check `path`. A missing file is an error only when it was asked for."""
     try:
         with open(path, "rb") as f:
+            _check_owner(path, os.fstat(f.fileno()))
             raw = f.read()
     except FileNotFoundError:
         if required:
@@ -103,6 +104,19 @@ def read_config(path: str, required: bool) -> Optional[ConfigFile]:
         raise UsageError(f"--config {path}: cannot read: {os.strerror(err.errno or 0)}") from None
     text = raw.decode("utf-8", "replace")
     return parse_config(text, path)
+
+
+def _check_owner(path: str, info: os.stat_result) -> None:
+    """Run as root, pgoom must not take rules (or a log path) from a file another user can
+    change: the same rule sshd and sudo apply to their configuration."""
+    if os.geteuid() != 0:
+        return
+    if info.st_uid != 0 or info.st_mode & 0o022:
+        raise UsageError(
+            f"{path}: owned by uid {info.st_uid} with mode {info.st_mode & 0o777:04o}: "
+            f"it must belong to root and not be writable by others (chown root {path}; "
+            f"chmod go-w {path})"
+        )
 
 
 _POSITION = re.compile(r"\s*\(at (?:line (\d+), column \d+|end of document)\)$")

@@ -219,3 +219,21 @@ def test_the_example_in_the_docs_parses() -> None:
     assert blocks, "docs/configuration.md has no ```toml example"
     for block in blocks:
         parse_config(block, "docs/configuration.md")
+
+
+def test_fallback_key_and_its_override(tmp_path: Path) -> None:
+    path = write(tmp_path, "fallback = false\n")
+    assert run_resolve([], path).settings.fallback is False
+    assert run_resolve(["--fallback"], path).settings.fallback is True
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the ownership rule applies to root only")
+def test_root_refuses_a_file_others_can_write(tmp_path: Path) -> None:
+    path = write(tmp_path, "score = 0\n")
+    os.chmod(path, 0o666)
+    with pytest.raises(UsageError, match=r"mode 0666: it must belong to root"):
+        run_resolve([], path)
+    os.chmod(path, 0o644)
+    os.chown(path, 26, 26)
+    with pytest.raises(UsageError, match=r"owned by uid 26"):
+        run_resolve([], path)
