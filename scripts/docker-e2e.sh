@@ -11,10 +11,11 @@
 # postmaster with Patroni's command line (docker/standin/patroni).
 #
 # Checks, each on the built image:
-#   1. docker mode: `docker run --user 0 --oom-score-adj 1000 -e PGOOM_SCORE=0 -e
-#      PGOOM_CHILDREN_SCORE=500` -> the original
-#      CMD runs as uid 26 with PG_OOM_* exported, the postmaster is protected (1000 -> 0) and
-#      the monitor runs with only CAP_DAC_OVERRIDE (+ CAP_SYS_RESOURCE where the host has it).
+#   1. docker mode: `docker run --user 0 --oom-score-adj 1000 -e PGOOM_SCORE=0
+#      -e PGOOM_CHILDREN_SCORE=500 --read-only` -> the original CMD runs as uid 26, the
+#      postmaster is protected (1000 -> 0), its children at 500 (PG_OOM_ADJUST_VALUE reached
+#      it), the monitor runs with only CAP_DAC_OVERRIDE (+ CAP_SYS_RESOURCE where the host
+#      has it).
 #   2. operator mode: uid 26, --read-only, --cap-drop ALL, command `patroni /etc/patroni` ->
 #      the shim goes through `pgoom exec`, the database starts, pgoom says it is not root.
 #   3. sidecar mode: a second container in the first one's PID namespace, root with
@@ -52,7 +53,7 @@ cleanup() {
   for c in "${CONTAINERS[@]}"; do
     "$DOCKER" rm -f "$c" >/dev/null 2>&1 || true
   done
-  "$DOCKER" volume rm "$RUN_ID-pgdata" >/dev/null 2>&1 || true
+  "$DOCKER" volume rm "$RUN_ID-pgdata" "$RUN_ID-pgdata-docker" >/dev/null 2>&1 || true
   if mountpoint -q "$WORK/rootfs/proc" 2>/dev/null; then umount "$WORK/rootfs/proc" || true; fi
   if [ -n "$DOCKERD_PID" ]; then
     kill "$DOCKERD_PID" 2>/dev/null || true
@@ -165,8 +166,11 @@ in_ctr() { "$DOCKER" exec --user 0 "$1" sh -c "$2"; }
 test_docker_mode() {
   local c=$RUN_ID-docker
   CONTAINERS+=("$c")
+  # Read-only root as well: only /tmp (the monitor's lock and log) and the data volume are
+  # written.
   "$DOCKER" run -d --name "$c" --user 0 --oom-score-adj 1000 -e PGOOM_SCORE=0 \
-    -e PGOOM_CHILDREN_SCORE=500 -e PGOOM_LOG_FILE= "$IMAGE_TAG" >/dev/null
+    -e PGOOM_CHILDREN_SCORE=500 --read-only --tmpfs /tmp -v "$RUN_ID-pgdata-docker:/pgdata" \
+    "$IMAGE_TAG" >/dev/null
   wait_for 60 in_ctr "$c" 'pg_isready -q -h /tmp -U postgres' ||
     { "$DOCKER" logs "$c" >&2; fail "docker mode: the database did not start"; }
   local pm score main_uid logs
@@ -236,6 +240,9 @@ test_sidecar_mode() {
   CONTAINERS+=("$side")
   local pm before
   pm=$(postmaster_pid "$db")
+  # Back to the pod's 1000 first, in case a pgoom on the host (another test) got there: the
+  # owner may always raise. The sidecar's log must then say that *it* protected it.
+  "$DOCKER" exec --user 26 "$db" sh -c "echo 1000 >/proc/$pm/oom_score_adj"
   before=$(in_ctr "$db" "cat /proc/$pm/oom_score_adj")
   # As in a pod: the sidecar shares the database container's PID namespace
   # (shareProcessNamespace) and mounts the data volume read-only at the same path; root with
@@ -246,7 +253,11 @@ test_sidecar_mode() {
     watch --score 0 --data-dir /pgdata/pg16 --log-file "" >/dev/null
   wait_for 30 sh -c "[ \"\$($DOCKER exec $db cat /proc/$pm/oom_score_adj)\" = 0 ]" ||
     { "$DOCKER" logs "$side" >&2; fail "sidecar mode: postmaster still at $(in_ctr "$db" "cat /proc/$pm/oom_score_adj")"; }
-  log "sidecar mode: postmaster $before -> 0; $("$DOCKER" logs "$side" 2>&1 | grep -m1 'source:' || true)"
+  local side_logs
+  side_logs=$("$DOCKER" logs "$side" 2>&1)
+  grep -q "protected postmaster pid=$pm " <<<"$side_logs" ||
+    { echo "$side_logs" >&2; fail "sidecar mode: the sidecar did not log the protection"; }
+  log "sidecar mode: postmaster $before -> 0; $(grep -m1 'source:' <<<"$side_logs" || true)"
   phase_done "sidecar mode"
 }
 
