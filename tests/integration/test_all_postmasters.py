@@ -239,7 +239,37 @@ def _relative(
     return bare, argv, os.path.dirname(bare.data_dir), {}
 
 
-@pytest.mark.parametrize("layout", [_debian, _pg_ctl_pgdata, _rhel, _relative])
+def _config_dir(
+    template: Template, root: str
+) -> tuple[Bare, list[str], Optional[str], dict[str, str]]:
+    """-D names a configuration directory whose postgresql.conf sets data_directory (a
+    layout some hosts use): after start-up the postmaster's working directory is the real
+    data directory."""
+    bare = Bare(template, root, "/var/lib/pg/data")
+    conf_dir = f"{root}/etc/pg"
+    os.makedirs(conf_dir)
+    shutil.move(f"{bare.data_dir}/postgresql.conf", f"{conf_dir}/postgresql.conf")
+    for name in ("pg_hba.conf", "pg_ident.conf"):
+        shutil.copy(f"{bare.data_dir}/{name}", f"{conf_dir}/{name}")
+    with open(f"{conf_dir}/postgresql.conf", "a") as conf:
+        conf.write(f"\ndata_directory = '{bare.data_dir}'\n")
+    subprocess.run(["chown", "-R", f"{template.uid}:{template.gid}", conf_dir], check=True)
+    argv = [f"{template.bindir}/postgres", "-D", conf_dir, "-k", bare.socket_dir]
+    return bare, argv, None, {}
+
+
+CONFIG_DIR_GAP = pytest.mark.xfail(
+    strict=True,
+    reason="protected, but watcher.identity takes -D for the data directory: it reports the "
+    "configuration directory (postmaster.pid is not there), so a data_dir rule or inotify "
+    "would miss it",
+)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [_debian, _pg_ctl_pgdata, _rhel, _relative, pytest.param(_config_dir, marks=CONFIG_DIR_GAP)],
+)
 def test_every_postmaster_is_protected(
     layout: object, pg_template: Template, bare_root: str, watcher: Watcher
 ) -> None:
@@ -253,7 +283,8 @@ def test_every_postmaster_is_protected(
         wait_for(lambda: read_score(pid) == PROTECTED, 10, what=f"postmaster {pid} protected")
         # Identified with the right data directory. ("protected postmaster pid=..." or, if
         # another watcher on this host was quicker, "postmaster pid=... already at ...".)
-        watcher.wait_for_log(f"postmaster pid={pid} data_dir={bare.data_dir} ")
+        text = watcher.wait_for_log(f"postmaster pid={pid} data_dir=")
+        assert f"postmaster pid={pid} data_dir={bare.data_dir} " in text
         bare.wait_ready()
         client = bare.connect_backend()
         wait_for(lambda: len(children_of(pid)) >= 4, 10, what="backend and aux processes")
