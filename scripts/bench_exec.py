@@ -51,25 +51,30 @@ def as_uid(uid: int) -> Callable[[], None]:
     return demote
 
 
-def time_runs(
-    argv: list[str],
-    runs: int,
-    env: dict[str, str],
-    preexec: Optional[Callable[[], None]] = None,
-    lock: Optional[str] = None,
-) -> list[float]:
-    samples = []
-    for _ in range(runs + 3):  # three warm-up runs: page cache, .pyc files
+class Case:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        preexec: Optional[Callable[[], None]] = None,
+        lock: Optional[str] = None,
+    ) -> None:
+        self.name = name
+        self.argv = argv
+        self.preexec = preexec
+        self.lock = lock
+        self.samples_ms: list[float] = []
+
+    def run_once(self, env: dict[str, str]) -> None:
         start = time.perf_counter()
         done = subprocess.run(
-            argv, env=env, preexec_fn=preexec, check=False, stderr=subprocess.DEVNULL
+            self.argv, env=env, preexec_fn=self.preexec, check=False, stderr=subprocess.DEVNULL
         )
-        samples.append((time.perf_counter() - start) * 1000)
+        self.samples_ms.append((time.perf_counter() - start) * 1000)
         if done.returncode != 0:
-            raise SystemExit(f"{argv[:4]}... exited {done.returncode}")
-        if lock:
-            wait_for_monitor_gone(lock)
-    return samples[3:]
+            raise SystemExit(f"{self.name}: exited {done.returncode}")
+        if self.lock:
+            wait_for_monitor_gone(self.lock)
 
 
 def wait_for_monitor_gone(lock: str) -> None:
@@ -81,10 +86,35 @@ def wait_for_monitor_gone(lock: str) -> None:
         os.close(fd)
 
 
-def row(name: str, samples: list[float], floor_ms: float) -> None:
-    p50 = statistics.median(samples)
-    p90 = sorted(samples)[int(len(samples) * 0.9) - 1]
-    print(f"{name:<34} {p50:8.1f} {p90:8.1f} {p50 - floor_ms:12.1f}")
+def cases(work: str) -> list[Case]:
+    lock = os.path.join(work, "monitor.lock")
+    is_root = os.geteuid() == 0
+    me = str(os.getuid())
+    found = [Case("/bin/true", [TRUE])]
+    pythons = [("", sys.executable)]
+    if os.path.exists(PYTHON39):
+        pythons.append((" [3.9]", PYTHON39))
+    for tag, python in pythons:
+        found.append(Case(f"python -I -c pass{tag}", [python, "-I", "-c", "pass"]))
+        if not is_root:
+            argv = launcher(python, "exec", "--no-watch", "--user", me, "--", TRUE)
+            found.append(Case(f"exec, not root{tag}", argv))
+            continue
+        argv = launcher(python, "exec", "--no-watch", "--user", "26", "--score", "0", "--", TRUE)
+        found.append(Case(f"exec as root, --no-watch{tag}", argv))
+        argv = launcher(python, "exec", "--user", "26", "--score", "0", "--", TRUE)
+        found.append(Case(f"exec as root, monitor{tag}", argv, lock=lock))
+    if is_root and os.path.exists("/usr/bin/python3"):
+        # As nobody: the interpreters above live under /root, which nobody cannot enter.
+        system, nobody = "/usr/bin/python3", as_uid(65534)
+        found.append(Case("python -I -c pass [system]", [system, "-I", "-c", "pass"], nobody))
+        argv = launcher(system, "exec", "--no-watch", "--", TRUE)
+        found.append(Case("exec, not root [system]", argv, nobody))
+    script = os.path.join(os.path.dirname(sys.executable), "pgoom")
+    if os.path.exists(script):
+        argv = [script, "exec", "--no-watch", "--user", me, "--score", "0", "--", TRUE]
+        found.append(Case("console script (venv), --no-watch", argv))
+    return found
 
 
 def main() -> None:
@@ -92,53 +122,30 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=40)
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="pgoom-bench-exec-")
-    lock = os.path.join(work, "monitor.lock")
     env = {
         "PATH": "/usr/bin:/bin",
-        "PGOOM_MONITOR_LOCK": lock,
+        "PGOOM_MONITOR_LOCK": os.path.join(work, "monitor.lock"),
         "PGOOM_LOG_FILE": "",
         "PGOOM_DRY_RUN": "1",  # the monitor must not touch anyone's postmaster
         "PGOOM_SOURCE": "poll",
     }
-    is_root = os.geteuid() == 0
-    me = str(os.getuid())
-    true_ms = statistics.median(time_runs([TRUE], args.runs, env))
-    print(f"pgoom exec start-to-exec, {args.runs} runs each, ms (minus /bin/true: {true_ms:.1f})")
-    print(f"{'':<34} {'p50':>8} {'p90':>8} {'p50 - true':>12}")
-    pythons = [("", sys.executable)]
-    if os.path.exists(PYTHON39):
-        pythons.append((" [3.9]", PYTHON39))
-    for tag, python in pythons:
-        row(
-            f"python -I -c pass{tag}",
-            time_runs([python, "-I", "-c", "pass"], args.runs, env),
-            true_ms,
-        )
-        if not is_root:
-            exec_no_watch = launcher(python, "exec", "--no-watch", "--user", me, "--", TRUE)
-            row(f"exec, not root{tag}", time_runs(exec_no_watch, args.runs, env), true_ms)
-        if is_root:
-            switch = launcher(
-                python, "exec", "--no-watch", "--user", "26", "--score", "0", "--", TRUE
-            )
-            row(f"exec as root, --no-watch{tag}", time_runs(switch, args.runs, env), true_ms)
-            monitor = launcher(python, "exec", "--user", "26", "--score", "0", "--", TRUE)
-            row(
-                f"exec as root, monitor{tag}",
-                time_runs(monitor, args.runs, env, lock=lock),
-                true_ms,
-            )
-    if is_root and os.path.exists("/usr/bin/python3"):
-        # As nobody: the interpreters above live under /root, which nobody cannot enter.
-        system = "/usr/bin/python3"
-        pass_ms = time_runs([system, "-I", "-c", "pass"], args.runs, env, as_uid(65534))
-        row("python -I -c pass [system]", pass_ms, true_ms)
-        argv = launcher(system, "exec", "--no-watch", "--", TRUE)
-        row("exec, not root [system]", time_runs(argv, args.runs, env, as_uid(65534)), true_ms)
-    script = os.path.join(os.path.dirname(sys.executable), "pgoom")
-    if os.path.exists(script):
-        argv = [script, "exec", "--no-watch", "--user", me, "--score", "0", "--", TRUE]
-        row("console script (venv), --no-watch", time_runs(argv, args.runs, env), true_ms)
+    todo = cases(work)
+    for case in todo:  # warm-up: page cache, .pyc files
+        case.run_once(env)
+        case.samples_ms.clear()
+    # Interleaved, so that the machine's load swings hit every case alike.
+    for _ in range(args.runs):
+        for case in todo:
+            case.run_once(env)
+    true_ms = statistics.median(todo[0].samples_ms)
+    load = os.getloadavg()[0]
+    print(f"pgoom exec, start to exec of CMD: {args.runs} interleaved runs, ms, load {load:.1f}")
+    print(f"{'':<36} {'min':>7} {'p50':>7} {'p90':>7} {'p50-true':>9}")
+    for case in todo:
+        samples = sorted(case.samples_ms)
+        p50 = statistics.median(samples)
+        p90 = samples[max(0, int(len(samples) * 0.9) - 1)]
+        print(f"{case.name:<36} {samples[0]:7.1f} {p50:7.1f} {p90:7.1f} {p50 - true_ms:9.1f}")
 
 
 if __name__ == "__main__":
