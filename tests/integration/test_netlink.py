@@ -16,7 +16,7 @@ import pytest
 
 from tests.support.pg import Cluster, children_of, read_score, wait_for
 from tests.support.watcher import PGOOM, Watcher
-from watcher.sources.base import Examine, Forked
+from watcher.sources.base import Examine, Forked, Rescan
 from watcher.sources.netlink import NetlinkSource, decode, kernel_filters_events
 
 pytestmark = pytest.mark.root
@@ -90,6 +90,33 @@ def test_subscription_is_acknowledged_and_an_exec_yields_its_pid(
     ]
     assert source.stats()["events"] >= 2
     assert source.stats()["enobufs"] == 0
+
+
+def test_overflow_yields_one_rescan_and_reading_goes_on() -> None:
+    """Unread, an 8 KiB buffer overflows after a few events: read() reports ENOBUFS as a
+    Rescan (once), counts it, and the next exec is delivered as usual."""
+    src = NetlinkSource(rcvbuf_bytes=4096, ack_timeout_s=0.5)
+    src.open()
+    try:
+        assert src.rcvbuf_effective_bytes <= 16384
+        for _ in range(60):  # ~60 exec events into a buffer that holds about ten
+            run_true()
+        first = src.read()
+        rescans = [e for e in first if isinstance(e, Rescan)]
+        assert rescans == [Rescan("netlink lost events (ENOBUFS)")]
+        assert src.stats()["enobufs"] >= 1
+        assert src.stats()["rescans"] == 1
+        src.read()  # whatever queued after the overflow
+        pid = run_true()
+        seen: list[object] = []
+
+        def got_exec() -> bool:
+            seen.extend(src.read())
+            return any(isinstance(e, Examine) and e.pid == pid for e in seen)
+
+        wait_for(got_exec, 5, what="an exec after the overflow")
+    finally:
+        src.close()
 
 
 def test_close_sends_ignore_so_the_socket_goes_quiet() -> None:
