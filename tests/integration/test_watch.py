@@ -202,7 +202,7 @@ def test_look_alikes_stay_untouched(
                 [script, "-D", data_dir], stdin=subprocess.PIPE, preexec_fn=at_1000()
             )
         # (d) a copy of sleep that really is called postgres, run by root with PGDATA set:
-        # the binary's name passes, the owner check does not.
+        # the binary's name passes, its content (no PostmasterMain) does not.
         shutil.copy("/bin/sleep", f"{tmp}/postgres")
         procs["copy"] = subprocess.Popen(
             [f"postgres -D {data_dir}", "300"],
@@ -230,7 +230,7 @@ def test_look_alikes_stay_untouched(
             "sleep": "executable is sleep, not postgres",
             "sh": "executable is dash, not postgres",
             "py": "executable is python3",
-            "copy": f"data directory {data_dir} belongs to uid 26, the process runs as uid 0",
+            "copy": "executable postgres is not a PostgreSQL server binary",
             "uid": f"belongs to uid 26, the process runs as uid {NOBODY}",
         }
         # inotify learns only of the PID its lock file names; the others see every exec.

@@ -311,3 +311,17 @@ def test_procfs_gone(tree: FakeProc) -> None:
     (empty / "stat").write_text("")
     with pytest.raises(ProcessGone):
         tree.procfs.stat(123)
+
+
+def test_a_copy_named_postgres_is_checked_by_content(tree: FakeProc, tmp_path: Path) -> None:
+    fake = tmp_path / "bin" / "postgres"
+    fake.parent.mkdir()
+    fake.write_bytes(b"\x7fELF not a server\0")
+    sample = tree.install("postmaster", uid=ME, exe=str(fake))
+    assert sample.data_dir is not None
+    tree.data_dir(sample.data_dir, pidfile_text(sample.pid, sample.data_dir))
+    facts = inspect(tree.procfs, sample.pid)
+    assert (facts.binary, facts.binary_is_server) == ("postgres", False)
+    assert confirm(facts).reason == "executable postgres is not a PostgreSQL server binary"
+    fake.write_bytes(b"\x7fELF ...\0PostmasterMain\0...")  # new size: a new cache key
+    assert confirm(inspect(tree.procfs, sample.pid)).confirmed

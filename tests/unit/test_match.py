@@ -147,6 +147,14 @@ def test_confirm_rejects_a_renamed_sleep() -> None:
     assert verdict.reason == "executable is sleep, not postgres"
 
 
+def test_confirm_rejects_a_program_named_postgres_that_is_no_server() -> None:
+    # A copy of sleep saved as postgres: right name, wrong content.
+    verdict = confirm(postmaster_facts(binary_is_server=False))
+    assert not verdict.ok
+    assert verdict.reason == "executable postgres is not a PostgreSQL server binary"
+    assert confirm(postmaster_facts(binary_is_server=None)).ok  # content unreadable: by name
+
+
 @pytest.mark.parametrize("shell", ["dash", "bash", "python3.11", "python3"])
 def test_confirm_rejects_a_script_called_postgres(shell: str) -> None:
     sample = load("script_postgres")
