@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from watcher.config import Settings, make_settings
+from watcher.config import SOURCES, Settings, make_settings
 from watcher.errors import UsageError
 from watcher.match import DEFAULT_SCORE, OOM_SCORE_ADJ_MAX, OOM_SCORE_ADJ_MIN, Rule
 
@@ -30,6 +30,8 @@ else:  # Python 3.9/3.10 (UBI 9's python3 is 3.9): the same parser, from PyPI
     import tomli as tomllib  # type: ignore[import-not-found, no-redef, unused-ignore]
 
 DEFAULT_CONFIG_PATH = "/etc/pgoom.toml"
+# loguru's levels that make sense for pgoom (TRACE adds nothing: pgoom logs none).
+LOG_LEVELS = ("DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 
 # Top-level keys: name -> accepted Python types (bool is not an int here, and an int is a
 # fine float). The names are the long options without "--", with "-" as "_".
@@ -154,6 +156,12 @@ def parse_config(text: str, path: str) -> ConfigFile:
             _check_score(key, value, line, fail)
         elif key in ("interval", "verify_interval") and value <= 0:
             raise fail(line, f"{key} = {value}: must be greater than 0 seconds")
+        elif key == "source" and value.lower() not in SOURCES:
+            raise fail(line, f"source = {value!r} is unknown: use one of {', '.join(SOURCES)}")
+        elif key == "log_level" and value.upper() not in LOG_LEVELS:
+            raise fail(
+                line, f"log_level = {value!r} is unknown: use one of {', '.join(LOG_LEVELS)}"
+            )
         elif key == "rcvbuf" and value <= 0:
             raise fail(line, f"rcvbuf = {value}: must be a positive number of bytes")
         elif key == "metrics_address" and value:
@@ -304,6 +312,9 @@ def resolve(params: dict[str, Any], explicit: set[str]) -> Resolved:
         [r.data_dir for r in file_rules if r.data_dir] if use_file_rules else params["data_dir"]
     )
     log_file = pick("log_file")
+    log_level = str(pick("log_level")).upper()
+    if log_level not in LOG_LEVELS:
+        raise UsageError(f"--log-level {log_level} is unknown: use one of {', '.join(LOG_LEVELS)}")
     settings = make_settings(
         patterns=list(params.get("pattern") or []),
         data_dirs=list(data_dirs or []),
@@ -315,7 +326,7 @@ def resolve(params: dict[str, Any], explicit: set[str]) -> Resolved:
         match_all=match_all,
         log_file=log_file or None,
         log_json=bool(pick("log_json")),
-        log_level=str(pick("log_level")).upper(),
+        log_level=log_level,
         dry_run=bool(pick("dry_run")),
         fallback=bool(pick("fallback")),
         rcvbuf_bytes=int(pick("rcvbuf")),

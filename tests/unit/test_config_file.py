@@ -72,6 +72,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         ("[[rule]]\nall = true\nchildren_score = 1001\n", 3, "children_score = 1001 is out"),
         ("[[rule]]\nall = true\nmatch = 'x'\n", 3, "unknown key 'match' in [[rule]]"),
         ("rule = 1\n", 1, "'rule' must be an array of tables"),
+        ("\nsource = 'kqueue'\n", 2, "source = 'kqueue' is unknown"),
+        ("log_level = 'loud'\n", 1, "log_level = 'loud' is unknown"),
     ],
 )
 def test_a_bad_file_is_one_line_naming_file_and_line(text: str, line: int, problem: str) -> None:
@@ -237,3 +239,8 @@ def test_root_refuses_a_file_others_can_write(tmp_path: Path) -> None:
     os.chown(path, 26, 26)
     with pytest.raises(UsageError, match=r"owned by uid 26"):
         run_resolve([], path)
+
+
+def test_an_unknown_log_level_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match=r"--log-level LOUD is unknown"):
+        run_resolve(["--log-level", "loud"])
