@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -90,6 +91,29 @@ def test_subscription_is_acknowledged_and_an_exec_yields_its_pid(
     ]
     assert source.stats()["events"] >= 2
     assert source.stats()["enobufs"] == 0
+
+
+def test_only_the_kernel_can_send_to_the_socket(source: NetlinkSource) -> None:
+    """Another process's unicast (a forged exec event for pid 4242) is refused."""
+    fd = source.fileno()
+    assert fd is not None
+    port = socket.socket(fileno=os.dup(fd))
+    try:
+        port_id = port.getsockname()[0]
+    finally:
+        port.close()
+    event = struct.pack("=IIQII", 0x2, 0, 1, 4242, 4242).ljust(40, b"\0")
+    cn = struct.pack("=IIIIHH", 1, 1, 0, 0, len(event), 0) + event
+    forged = struct.pack("=IHHII", 16 + len(cn), 3, 0, 0, 0) + cn
+    assert any(e == Examine(4242, 1) for e in decode(forged))  # it would decode
+    forger = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 11)
+    try:
+        forger.bind((0, 0))
+        with pytest.raises(ConnectionRefusedError):
+            forger.sendto(forged, (port_id, 0))
+    finally:
+        forger.close()
+    assert Examine(4242, 1) not in source.read()
 
 
 def test_overflow_yields_one_rescan_and_reading_goes_on() -> None:

@@ -105,8 +105,8 @@ def decode(
 def _decode_into(data: Union[bytes, bytearray, memoryview], nbytes: int, out: list[Any]) -> int:
     """Append decoded events to `out`; returns how many messages were skipped as malformed.
 
-    A forged datagram could at worst make the engine *examine* a PID (which it verifies
-    from /proc before acting); only root can send to this multicast group anyway."""
+    The socket only accepts datagrams from the kernel (see _open_socket); even a forged
+    one could at worst make the engine *examine* a PID, which it verifies from /proc."""
     skipped = 0
     offset = 0
     while nbytes - offset >= _HEADER_SIZE:
@@ -235,6 +235,14 @@ def _open_socket() -> socket.socket:
         sock = socket.socket(fileno=os.dup(pr2.fileno()))
     finally:
         pr2.close()
+    try:
+        # Connected to the kernel (port 0), the socket refuses unicast datagrams from any
+        # other process (ECONNREFUSED for the sender): no local user can inject a fake ack
+        # or event. Multicast delivery from the kernel is not affected.
+        sock.connect((0, 0))
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 
