@@ -39,14 +39,20 @@ class Adjuster:
         self.procfs = procfs
         self.dry_run = dry_run
 
-    def set_score(self, pid: int, starttime_ticks: int, score: int) -> Result:
+    def set_score(
+        self, pid: int, starttime_ticks: int, score: int, only_lower: bool = False
+    ) -> Result:
         """Set oom_score_adj of (pid, starttime) to `score`. Never raises for a vanished or
-        protected process: the outcome says what happened."""
+        protected process: the outcome says what happened.
+
+        With `only_lower`, a process already at or below `score` is left alone: a
+        postmaster that kubelet put at -997 (Guaranteed QoS) or an operator at -1000 is
+        better protected than the target, and raising it would weaken it."""
         try:
             if self.procfs.stat(pid).starttime_ticks != starttime_ticks:
                 return Result(Outcome.GONE, pid, reason="pid reused by another process")
             old = self.procfs.oom_score_adj(pid)
-            if old == score:
+            if old == score or (only_lower and old < score):
                 return Result(Outcome.UNCHANGED, pid, old, old)
             if self.dry_run:
                 return Result(Outcome.DRY_RUN, pid, old, old)

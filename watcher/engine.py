@@ -183,7 +183,7 @@ class Engine:
                 verdict.reason,
             )
             return None
-        result = self.adjuster.set_score(pid, start, rule.score)
+        result = self.adjuster.set_score(pid, start, rule.score, only_lower=True)
         latency_us = (time.monotonic_ns() - ts_ns) // 1000 if ts_ns else None
         self._record(facts, rule, result, latency_us, method)
         return result
@@ -245,10 +245,11 @@ class Engine:
                 start,
                 "unchanged",
                 "info",
-                "postmaster pid={} data_dir={} already at oom_score_adj {}",
+                "postmaster pid={} data_dir={} already at oom_score_adj {} (target {})",
                 pid,
                 facts.data_dir,
                 result.old,
+                rule.score,
             )
         elif result.outcome is Outcome.DENIED:
             self.counters.failures["denied"] = self.counters.failures.get("denied", 0) + 1
@@ -349,7 +350,9 @@ class Engine:
                 del self.protected[pid]
                 self._emit("exited", pid=pid, data_dir=known.data_dir)
                 continue
-            result = self.adjuster.set_score(pid, known.starttime_ticks, known.rule.score)
+            result = self.adjuster.set_score(
+                pid, known.starttime_ticks, known.rule.score, only_lower=True
+            )
             if result.outcome is Outcome.ADJUSTED:
                 self.counters.drift_repairs += 1
                 known.score_ok = True
