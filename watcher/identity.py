@@ -19,6 +19,7 @@ from watcher.parse import (
     POSTGRES_BINARIES,
     Stat,
     binary_name,
+    conf_data_directory,
     data_dir_from_argv,
     environ_value,
     parse_postmaster_pid,
@@ -116,7 +117,24 @@ def _data_dir(procfs: ProcFS, pid: int, argv: list[str]) -> Optional[str]:
         joined = posixpath.normpath(posixpath.join(cwd, data_dir))
         # After start-up the postmaster has already changed into its data directory.
         data_dir = joined if os.path.isdir(procfs.in_process_root(pid, joined)) else cwd
-    return posixpath.normpath(data_dir)
+    return _through_config_dir(procfs, pid, posixpath.normpath(data_dir))
+
+
+def _through_config_dir(procfs: ProcFS, pid: int, directory: str) -> str:
+    """`-D` may name a configuration directory whose postgresql.conf sets data_directory
+    (Debian keeps configuration in /etc/postgresql/<v>/<name>). A data directory holds
+    PG_VERSION; a configuration directory does not."""
+    access = _accessible_dir(procfs, pid, directory)
+    if access is None or os.path.exists(posixpath.join(access, "PG_VERSION")):
+        return directory
+    try:
+        text = read_file_text(posixpath.join(access, "postgresql.conf"))
+    except AccessDenied:
+        text = None
+    target = conf_data_directory(text) if text is not None else None
+    if target is None:
+        return directory
+    return posixpath.normpath(posixpath.join(directory, target))
 
 
 def _accessible_dir(procfs: ProcFS, pid: int, data_dir: str) -> Optional[str]:

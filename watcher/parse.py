@@ -166,3 +166,31 @@ def environ_value(raw: bytes, name: str) -> Optional[str]:
         if entry.startswith(key):
             return entry[len(key) :].decode("utf-8", "surrogateescape")
     return None
+
+
+def conf_data_directory(text: str) -> Optional[str]:
+    """`data_directory` from a postgresql.conf (the last setting wins, as in PostgreSQL);
+    None if unset. Handles `name = 'value'`, `name 'value'`, unquoted values and trailing
+    comments; include directives are not followed."""
+    found: Optional[str] = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line.startswith("data_directory"):
+            continue
+        rest = line[len("data_directory") :].lstrip()
+        if rest.startswith("="):
+            rest = rest[1:].lstrip()
+        elif rest[:1] not in ("'", '"'):
+            continue  # another parameter that merely starts with the same letters
+        if rest.startswith("'"):
+            end = rest.find("'", 1)
+            while end != -1 and rest[end + 1 : end + 2] == "'":  # '' is an escaped quote
+                end = rest.find("'", end + 2)
+            if end == -1:
+                continue
+            found = rest[1:end].replace("''", "'")
+        else:
+            value = rest.split("#", 1)[0].strip()
+            if value:
+                found = value
+    return found

@@ -95,10 +95,17 @@ class ProcFS:
         return self.readlink(pid, "cwd")
 
     def oom_score_adj(self, pid: int) -> int:
-        return parse_oom_score_adj(self.read_text(pid, "oom_score_adj"))
+        return parse_oom_score_adj(self._nonempty(pid, "oom_score_adj"))
 
     def oom_score(self, pid: int) -> int:
-        return int(self.read_text(pid, "oom_score").strip())
+        return int(self._nonempty(pid, "oom_score").strip())
+
+    def _nonempty(self, pid: int, name: str) -> str:
+        # A process caught in exit can answer a read with nothing: that is gone, not garbage.
+        text = self.read_text(pid, name)
+        if not text.strip():
+            raise ProcessGone(f"pid {pid} is gone (empty {name})")
+        return text
 
     def children(self, pid: int) -> list[int]:
         """Direct children, from /proc/<pid>/task/<pid>/children (CONFIG_PROC_CHILDREN);

@@ -258,17 +258,9 @@ def _config_dir(
     return bare, argv, None, {}
 
 
-CONFIG_DIR_GAP = pytest.mark.xfail(
-    strict=True,
-    reason="protected, but watcher.identity takes -D for the data directory: it reports the "
-    "configuration directory (postmaster.pid is not there), so a data_dir rule or inotify "
-    "would miss it",
-)
-
-
 @pytest.mark.parametrize(
     "layout",
-    [_debian, _pg_ctl_pgdata, _rhel, _relative, pytest.param(_config_dir, marks=CONFIG_DIR_GAP)],
+    [_debian, _pg_ctl_pgdata, _rhel, _relative, _config_dir],
 )
 def test_every_postmaster_is_protected(
     layout: object, pg_template: Template, bare_root: str, watcher: Watcher
