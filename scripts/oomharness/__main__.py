@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import NoReturn, Optional
+from typing import Optional
 
 from scripts.oomharness import report
 from scripts.oomharness.cgroup import CgroupError, MemoryCgroup
@@ -90,9 +90,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def _sigterm(_signum: int, _frame: object) -> NoReturn:
-    # Unwind through every finally: the cgroup, clusters and data dirs are removed.
-    raise SystemExit(143)
+_MAIN_PID = os.getpid()
+_stopping = False
+
+
+def _on_signal(signum: int, _frame: object) -> None:
+    """SIGTERM/SIGINT: unwind through every finally (watchers stopped, clusters and data
+    dirs removed, the cgroup emptied and removed), once."""
+    global _stopping
+    if os.getpid() != _MAIN_PID:
+        # A child between fork and exec (a preexec_fn) that inherited the pending signal:
+        # it must not go on running the harness.
+        os._exit(128 + signum)
+    if _stopping:
+        return  # the cleanup is under way: let it finish
+    _stopping = True
+    raise SystemExit(128 + signum)
 
 
 def pg_version(template: Template) -> str:
@@ -107,7 +120,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if os.geteuid() != 0:
         print("oom-harness: run as root (it creates cgroups and runs PostgreSQL as uid 26)")
         return 2
-    signal.signal(signal.SIGTERM, _sigterm)
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     become_subreaper()
     os.makedirs(args.out, exist_ok=True)
     config = Config(
@@ -129,6 +145,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"oom-harness: {err}")
         return 2
     template: Optional[Template] = None
+    harness: Optional[Harness] = None
     groups: list[Group] = []
     storm: Optional[tuple[Group, list[StormCycle]]] = None
     meta: dict[str, object] = {}
@@ -157,8 +174,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                 groups.append(harness.run_group(scenario, PROTECTED, args.runs))
         if args.storm_cycles:
             storm = harness.storm(args.storm_cycles)
-        harness.kernel.close()
     finally:
+        if harness is not None:
+            harness.close()
         if template is not None:
             template.cleanup()
         problem = cgroup.remove()

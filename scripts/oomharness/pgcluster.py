@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import selectors
+import shutil
 import signal
 import subprocess
 import time
@@ -50,9 +51,16 @@ class HarnessCluster(Cluster):
     def __init__(self, template: Template, procs_file: str, **kw: object) -> None:
         self.procs_file = procs_file
         kw.setdefault("name", f"oomh-{os.urandom(4).hex()}")
-        super().__init__(template, **kw)  # type: ignore[arg-type]
-        with open(f"{self.data_dir}/postgresql.conf", "a") as conf:
-            conf.write(HARNESS_CONF)
+        try:
+            super().__init__(template, **kw)  # type: ignore[arg-type]
+            with open(f"{self.data_dir}/postgresql.conf", "a") as conf:
+                conf.write(HARNESS_CONF)
+        except BaseException:
+            # Interrupted while copying the template: nobody else knows these paths yet.
+            for path in (getattr(self, "data_dir", None), getattr(self, "socket_dir", None)):
+                if path:
+                    shutil.rmtree(path, ignore_errors=True)
+            raise
 
     def _preexec(self) -> Callable[[], None]:
         return _launcher(self.procs_file, self.template.uid, self.template.gid, self.launcher_score)

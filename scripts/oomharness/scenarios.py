@@ -170,6 +170,20 @@ class Harness:
         self.config = config
         self.log = log
         self.kernel = kmsg.KernelLog()
+        # What is running now, for close() when a signal cuts a run short.
+        self.live_watchers: list[Watcher] = []
+        self.live_clusters: list[HarnessCluster] = []
+
+    def close(self) -> None:
+        """Stop what an interrupted run left: watchers (outside the cgroup) and clusters
+        (data and socket directories). The cgroup's own processes die with the cgroup."""
+        for watcher in self.live_watchers:
+            watcher.stop()
+        for cluster in self.live_clusters:
+            self._destroy(cluster)
+        self.live_watchers.clear()
+        self.live_clusters.clear()
+        self.kernel.close()
 
     # --- one cluster per (scenario, mode) --------------------------------------------------
 
@@ -183,6 +197,7 @@ class Harness:
             launcher_score=self.config.launcher_score,
             children_score=self.config.children_score,
         )
+        self.live_clusters.append(cluster)
         watcher: Optional[Watcher] = None
         try:
             if mode == PROTECTED:
@@ -198,6 +213,7 @@ class Harness:
                     "--data-dir",
                     cluster.data_dir,
                 )
+                self.live_watchers.append(watcher)
                 watcher.wait_ready(30)
             self.start(cluster, group)
             cluster.psql(
@@ -207,9 +223,11 @@ class Harness:
         finally:
             if watcher is not None:
                 watcher.stop()
+                self.live_watchers.remove(watcher)
                 group.watcher_log = watcher.text()
             group.postgres_log_tail = _tail(cluster.log_path, 20)
             self._destroy(cluster)
+            self.live_clusters.remove(cluster)
 
     def start(self, cluster: HarnessCluster, group: Group) -> None:
         launched = time.monotonic()
