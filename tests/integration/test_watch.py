@@ -63,6 +63,18 @@ def alive(pid: int) -> bool:
         return False
 
 
+def child_scores(pm: int) -> list[int]:
+    """oom_score_adj of the postmaster's children still alive when read (the startup
+    process and autovacuum workers come and go)."""
+    scores = []
+    for child in children_of(pm):
+        try:
+            scores.append(read_score(child))
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            continue
+    return scores
+
+
 def backend_score(cluster: Cluster) -> int:
     """A fresh backend reads its own oom_score_adj (the test connects as superuser)."""
     return int(cluster.psql("select pg_read_file('/proc/self/oom_score_adj')"))
@@ -109,9 +121,9 @@ def test_postmaster_protected_through_restart_and_kill(
         assert f"source={source}" in done[0]
     else:  # only where another watcher on a shared host (another test) got there first
         watcher.wait_for_log(f"postmaster pid={pm} data_dir={cluster.data_dir} already at", 5)
-    aux = children_of(pm)
+    aux = child_scores(pm)
     assert aux, "no auxiliary processes"
-    assert all(read_score(c) == 1000 for c in aux)
+    assert set(aux) == {1000}
     assert backend_score(cluster) == 1000
 
     # pg_ctl restart: a new postmaster (through pg_ctl's shell) under the same data dir.
@@ -144,7 +156,7 @@ def test_postmaster_protected_through_restart_and_kill(
     again = cluster.postmaster_pid()
     assert again not in (pm, restarted, direct)
     wait_score(again, 0)
-    assert all(read_score(c) == 1000 for c in children_of(again))
+    assert set(child_scores(again)) <= {1000}
     assert backend_score(cluster) == 1000
     assert watcher.proc.poll() is None
     assert "Traceback" not in watcher.text()
