@@ -110,14 +110,15 @@ def watch(
         ),
     ] = False,
     fallback: Annotated[
-        bool,
+        Optional[bool],
         typer.Option(
             "--fallback/--no-fallback",
             envvar="PGOOM_FALLBACK",
             help="When no rule matches any process, protect the postgres process that is the "
-            "parent of others, else the only one (the seed's methods b and c).",
+            "parent of others, else the only one (the seed's methods b and c). Default: on "
+            "with the default pattern, off once --pattern, --data-dir or [[rule]]s are given.",
         ),
-    ] = True,
+    ] = None,
     log_file: Annotated[
         str, typer.Option("--log-file", envvar="PGOOM_LOG_FILE", help="Log file ('' for none).")
     ] = DEFAULT_LOG_FILE,

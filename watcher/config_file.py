@@ -328,7 +328,7 @@ def resolve(params: dict[str, Any], explicit: set[str]) -> Resolved:
         log_json=bool(pick("log_json")),
         log_level=log_level,
         dry_run=bool(pick("dry_run")),
-        fallback=bool(pick("fallback")),
+        fallback=_fallback(pick("fallback"), cli_rules or use_file_rules),
         rcvbuf_bytes=int(pick("rcvbuf")),
     )
     if use_file_rules:
@@ -362,3 +362,10 @@ def _to_rule(
         data_dir=spec.data_dir,
         children_score=children_score,
     )
+
+
+def _fallback(choice: Any, rules_given: bool) -> bool:
+    """The seed's fallbacks guess; they suit the default pattern. Once the operator names
+    what to protect, guessing would protect some other cluster on the host, so it is off
+    unless asked for."""
+    return (not rules_given) if choice is None else bool(choice)

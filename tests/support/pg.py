@@ -171,6 +171,8 @@ class Cluster:
         """Start `postgres -D <dir>` directly (the exec the watcher sees); returns the
         postmaster's PID."""
         log = open(self.log_path, "ab")
+        # Owned by the cluster's user, so a later pg_ctl (running as that user) can append.
+        os.chown(self.log_path, self.template.uid, self.template.gid)
         self.proc = subprocess.Popen(
             [f"{self.bindir}/postgres", "-D", self.data_dir, "-k", self.socket_dir],
             env=self.env(),
