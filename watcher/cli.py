@@ -14,6 +14,7 @@ from watcher import __version__
 from watcher.config import (
     DEFAULT_INTERVAL_S,
     DEFAULT_LOG_FILE,
+    DEFAULT_RCVBUF_BYTES,
     DEFAULT_VERIFY_INTERVAL_S,
 )
 from watcher.config_file import DEFAULT_CONFIG_PATH
@@ -135,7 +136,7 @@ def watch(
     rcvbuf: Annotated[
         int,
         typer.Option("--rcvbuf", envvar="PGOOM_RCVBUF", help="Netlink receive buffer in bytes."),
-    ] = 32 << 20,
+    ] = DEFAULT_RCVBUF_BYTES,
     metrics_address: Annotated[
         str,
         typer.Option(

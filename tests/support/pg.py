@@ -262,6 +262,8 @@ class Cluster:
 
     def stop(self) -> None:
         pm = self.pidfile_pid()
+        if (pm is None or not _alive(pm)) and self.proc is not None and self.proc.poll() is None:
+            pm = self.proc.pid  # stopped before it wrote postmaster.pid: the process we started
         if pm is not None and _alive(pm):
             try:
                 os.kill(pm, signal.SIGQUIT)  # immediate shutdown; our own process
