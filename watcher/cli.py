@@ -4,6 +4,7 @@ codes. No logic lives here. Every option has a PGOOM_* environment variable."""
 # No `from __future__ import annotations` here: typer before 0.24 (the newest on Python 3.9,
 # the Percona image's python3) reads string annotations through get_type_hints() without
 # extras, which drops every Annotated option declaration and its PGOOM_* env var.
+import importlib
 import os
 import sys
 from typing import Annotated, Any, Optional
@@ -18,7 +19,7 @@ from watcher.config import (
     DEFAULT_VERIFY_INTERVAL_S,
 )
 from watcher.config_file import DEFAULT_CONFIG_PATH
-from watcher.errors import PgoomError
+from watcher.errors import EXIT_USAGE, PgoomError
 from watcher.match import DEFAULT_SCORE
 
 app = typer.Typer(
@@ -290,11 +291,41 @@ def _root(
     """pgoom: keeps the postmaster from being chosen by the kernel's OOM killer."""
 
 
+def _click_exceptions() -> Any:
+    """The click exception module typer uses: newer typer vendors click as typer._click,
+    the typer that still supports Python 3.9 uses click itself. Loaded by name so that mypy
+    (target 3.9) does not parse click's 3.10-only sources."""
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise RuntimeError("typer without click")  # pragma: no cover
+
+
 def run() -> None:
+    # standalone_mode=False: click's own usage errors (a non-integer --score, an unknown
+    # option) come back as exceptions, so they become one `pgoom:` line like ours instead of
+    # typer's multi-line box.
+    errors = _click_exceptions()
     try:
-        app()
+        code = app(standalone_mode=False)
+    except errors.UsageError as err:
+        command = (
+            err.ctx.command_path.replace(err.ctx.find_root().info_name, "pgoom", 1)
+            if err.ctx is not None
+            else "pgoom"
+        )
+        print(f"pgoom: {err.format_message()} (see '{command} --help')", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except errors.ClickException as err:
+        print(f"pgoom: {err.format_message()}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except errors.Abort:
+        sys.exit(130)
     except PgoomError as err:  # anything a command forgot to map
         print(f"pgoom: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

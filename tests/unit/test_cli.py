@@ -93,7 +93,6 @@ CLICK_ERRORS = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py: click usage errors are not one line yet")
 @pytest.mark.parametrize("args", CLICK_ERRORS)
 def test_click_parse_errors_are_one_line(args: list[str]) -> None:
     assert_one_line(run(*args), 2)
