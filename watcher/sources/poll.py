@@ -1,7 +1,10 @@
 """The last resort: list /proc every interval and examine only PIDs not seen last time.
 
-A PID that exits and is reused within one interval is not re-examined; the engine's
-verify tick rescans everything in this mode, which bounds that gap.
+A PID is looked at on the tick it appears and once more on the next: a tick that lands
+between fork and exec (pg_ctl's `sh -c "exec postgres ..."`, a launcher that drops
+privileges first) sees the launcher, and the second look sees postgres. A PID that exits
+and is reused within one interval is not re-examined; the engine's verify tick rescans
+everything in this mode, which bounds that gap.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ class PollSource:
         self.interval_s = interval_s
         self.proc_root = proc_root
         self._seen: set[int] = set()
+        self._young: set[int] = set()  # new on the previous tick: one more look
         self._scans = 0
 
     def open(self) -> None:
@@ -35,9 +39,11 @@ class PollSource:
     def read(self) -> list[Event]:
         self._scans += 1
         now = set(psutil.pids())
-        new = sorted(now - self._seen)
+        new = now - self._seen
+        again = self._young & now
         self._seen = now
-        return [Examine(pid) for pid in new]
+        self._young = new
+        return [Examine(pid) for pid in sorted(new | again)]
 
     def add_data_dir(self, path: str) -> None:
         pass
