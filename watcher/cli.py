@@ -291,26 +291,28 @@ def _root(
     """pgoom: keeps the postmaster from being chosen by the kernel's OOM killer."""
 
 
-def _click_exceptions() -> Any:
-    """The click exception module typer uses: newer typer vendors click as typer._click,
-    the typer that still supports Python 3.9 uses click itself. Loaded by name so that mypy
-    (target 3.9) does not parse click's 3.10-only sources."""
-    for name in ("typer._click.exceptions", "click.exceptions"):
-        try:
-            return importlib.import_module(name)
-        except ImportError:
-            continue
-    raise RuntimeError("typer without click")  # pragma: no cover
+def _click_errors() -> tuple[Any, Any, Any]:
+    """(UsageError, ClickException, Abort) of the click typer uses: newer typer vendors click
+    as typer._click (with Abort in typer.exceptions), the typer that still supports Python
+    3.9 uses click itself. Loaded by name so that mypy (target 3.9) does not parse click's
+    3.10-only sources."""
+    try:
+        vendored = importlib.import_module("typer._click.exceptions")
+        abort = importlib.import_module("typer.exceptions").Abort
+    except (ImportError, AttributeError):
+        plain = importlib.import_module("click.exceptions")
+        return plain.UsageError, plain.ClickException, plain.Abort
+    return vendored.UsageError, vendored.ClickException, abort
 
 
 def run() -> None:
     # standalone_mode=False: click's own usage errors (a non-integer --score, an unknown
     # option) come back as exceptions, so they become one `pgoom:` line like ours instead of
     # typer's multi-line box.
-    errors = _click_exceptions()
+    usage_error, click_exception, abort = _click_errors()
     try:
         code = app(standalone_mode=False)
-    except errors.UsageError as err:
+    except usage_error as err:
         command = (
             err.ctx.command_path.replace(err.ctx.find_root().info_name, "pgoom", 1)
             if err.ctx is not None
@@ -318,10 +320,10 @@ def run() -> None:
         )
         print(f"pgoom: {err.format_message()} (see '{command} --help')", file=sys.stderr)
         sys.exit(EXIT_USAGE)
-    except errors.ClickException as err:
+    except click_exception as err:
         print(f"pgoom: {err.format_message()}", file=sys.stderr)
         sys.exit(err.exit_code)
-    except errors.Abort:
+    except abort:  # Ctrl-C while click waits for input
         sys.exit(130)
     except PgoomError as err:  # anything a command forgot to map
         print(f"pgoom: {err}", file=sys.stderr)
