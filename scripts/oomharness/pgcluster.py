@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from scripts.oomharness.cgroup import enter
-from tests.support.pg import Cluster, Template, children_of, wait_for
+from tests.support.pg import Cluster, Template, children_of, demote, wait_for
 
 # Settings for the harness's clusters, appended after the template's (the last one wins).
 # synchronous_commit=on: the template's 'off' would let a crash lose the latest commits
@@ -28,17 +28,14 @@ log_min_messages = warning
 
 
 def _launcher(procs_file: str, uid: int, gid: int, score: Optional[int]) -> Callable[[], None]:
-    """preexec_fn: join the cgroup (as root), take the launcher's score, drop to the
-    PostgreSQL user. Everything exec'd from here on lives and is charged in the group."""
+    """preexec_fn: join the cgroup (as root), then what every test cluster does (take the
+    launcher's score, drop to the PostgreSQL user). Everything exec'd from here on lives
+    and is charged in the group."""
+    then = demote(uid, gid, score)
 
     def run() -> None:
         enter(procs_file)
-        if score is not None:
-            with open("/proc/self/oom_score_adj", "w") as f:
-                f.write(str(score))
-        os.setgroups([])
-        os.setgid(gid)
-        os.setuid(uid)
+        then()
 
     return run
 
@@ -65,47 +62,6 @@ class HarnessCluster(Cluster):
     def _preexec(self) -> Callable[[], None]:
         return _launcher(self.procs_file, self.template.uid, self.template.gid, self.launcher_score)
 
-    def start(self, wait: bool = True) -> int:
-        log = open(self.log_path, "ab")
-        # Opened by root here, appended to by pg_ctl (as the PostgreSQL user) later.
-        os.chown(self.log_path, self.template.uid, self.template.gid)
-        self.proc = subprocess.Popen(
-            [f"{self.bindir}/postgres", "-D", self.data_dir, "-k", self.socket_dir],
-            env=self.env(),
-            stdout=log,
-            stderr=log,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=self._preexec(),
-            start_new_session=True,
-        )
-        log.close()
-        if wait:
-            self.wait_ready()
-        return self.proc.pid
-
-    def pg_ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run(
-            [
-                f"{self.bindir}/pg_ctl",
-                "-D",
-                self.data_dir,
-                "-l",
-                self.log_path,
-                "-w",
-                "-t",
-                "60",
-                "-o",
-                f"-k {self.socket_dir}",
-                *args,
-            ],
-            env=self.env(),
-            check=check,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            preexec_fn=self._preexec(),
-            timeout=90,
-        )
-
     @property
     def pattern(self) -> str:
         """A --pattern for pgoom that names this cluster's postmaster and nothing else."""
@@ -122,16 +78,7 @@ class HarnessCluster(Cluster):
         """One real connection and query: (ok, error text)."""
         try:
             done = subprocess.run(
-                [
-                    f"{self.bindir}/psql",
-                    "-h",
-                    self.socket_dir,
-                    "-U",
-                    "postgres",
-                    "-XAtq",
-                    "-c",
-                    "select 1",
-                ],
+                self.psql_argv("-c", "select 1"),
                 capture_output=True,
                 text=True,
                 timeout=timeout_s,
@@ -226,16 +173,7 @@ class Session:
 
     def __init__(self, cluster: Cluster) -> None:
         self.proc = subprocess.Popen(
-            [
-                f"{cluster.bindir}/psql",
-                "-h",
-                cluster.socket_dir,
-                "-U",
-                "postgres",
-                "-XAtq",
-                "-v",
-                "ON_ERROR_STOP=0",
-            ],
+            cluster.psql_argv("-v", "ON_ERROR_STOP=0"),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

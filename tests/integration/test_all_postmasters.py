@@ -23,7 +23,7 @@ from typing import Optional
 
 import pytest
 
-from tests.support.pg import Template, _demote, children_of, read_score, wait_for
+from tests.support.pg import Template, children_of, demote, read_score, wait_for
 from tests.support.watcher import Watcher
 
 pytestmark = pytest.mark.root
@@ -70,7 +70,7 @@ class Bare:
                 stdout=log,
                 stderr=log,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=_demote(self.template.uid, self.template.gid, LAUNCHER),
+                preexec_fn=demote(self.template.uid, self.template.gid, LAUNCHER),
                 start_new_session=True,
             )
 
@@ -98,17 +98,9 @@ class Bare:
 
     def connect_backend(self) -> subprocess.Popen[bytes]:
         """A client session that stays open, so the postmaster has a backend child."""
+        psql = f"{self.template.bindir}/psql"
         return subprocess.Popen(
-            [
-                f"{self.template.bindir}/psql",
-                "-h",
-                self.socket_dir,
-                "-U",
-                "postgres",
-                "-XAtq",
-                "-c",
-                "select pg_sleep(30)",
-            ],
+            [psql, "-h", self.socket_dir, "-U", "postgres", "-XAtq", "-c", "select pg_sleep(30)"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

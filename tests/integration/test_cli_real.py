@@ -41,16 +41,7 @@ def cluster_with_backend(pg_template: Template) -> Iterator[tuple[Cluster, int, 
         pm = cluster.start()
         aux = set(children_of(pm))
         session = subprocess.Popen(
-            [
-                f"{cluster.bindir}/psql",
-                "-h",
-                cluster.socket_dir,
-                "-U",
-                "postgres",
-                "-XAtq",
-                "-c",
-                "select pg_sleep(300)",
-            ],
+            cluster.psql_argv("-c", "select pg_sleep(300)"),
             stdout=subprocess.DEVNULL,
         )
         backend = wait_for(

@@ -351,16 +351,7 @@ def test_children_score_without_pg_oom_env(
     wait_score(pm, 0)
     before = set(children_of(pm))
     session = subprocess.Popen(
-        [
-            f"{cluster.bindir}/psql",
-            "-h",
-            cluster.socket_dir,
-            "-U",
-            "postgres",
-            "-XAtq",
-            "-c",
-            "select pg_sleep(30)",
-        ],
+        cluster.psql_argv("-c", "select pg_sleep(30)"),
         stdout=subprocess.DEVNULL,
     )
     try:

@@ -90,7 +90,7 @@ def children_of(pid: int) -> list[int]:
         return []
 
 
-def _demote(uid: int, gid: int, score: Optional[int]) -> Callable[[], None]:
+def demote(uid: int, gid: int, score: Optional[int]) -> Callable[[], None]:
     def run() -> None:
         if score is not None:
             with open("/proc/self/oom_score_adj", "w") as f:
@@ -126,7 +126,7 @@ class Template:
             ],
             check=True,
             stdout=subprocess.DEVNULL,
-            preexec_fn=_demote(self.uid, self.gid, None),
+            preexec_fn=demote(self.uid, self.gid, None),
         )
         with open(f"{self.path}/postgresql.conf", "a") as conf:
             conf.write(
@@ -179,13 +179,19 @@ class Cluster:
             stdout=log,
             stderr=log,
             stdin=subprocess.DEVNULL,
-            preexec_fn=_demote(self.template.uid, self.template.gid, self.launcher_score),
+            preexec_fn=self._preexec(),
             start_new_session=True,
         )
         log.close()
         if wait:
             self.wait_ready()
         return self.proc.pid
+
+    def _preexec(self) -> Callable[[], None]:
+        """What runs between fork and exec of the postmaster or pg_ctl: the launcher's
+        score, then the cluster's user. Subclasses add steps (the OOM harness joins its
+        memory cgroup first)."""
+        return demote(self.template.uid, self.template.gid, self.launcher_score)
 
     def pg_ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(
@@ -196,6 +202,8 @@ class Cluster:
                 "-l",
                 self.log_path,
                 "-w",
+                "-t",
+                "60",
                 "-o",
                 f"-k {self.socket_dir}",
                 *args,
@@ -204,9 +212,21 @@ class Cluster:
             check=check,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            preexec_fn=_demote(self.template.uid, self.template.gid, self.launcher_score),
-            timeout=60,
+            preexec_fn=self._preexec(),
+            timeout=90,
         )
+
+    def psql_argv(self, *args: str) -> list[str]:
+        """psql over this cluster's unix socket as the superuser, unaligned and quiet."""
+        return [
+            f"{self.bindir}/psql",
+            "-h",
+            self.socket_dir,
+            "-U",
+            "postgres",
+            "-XAtq",
+            *args,
+        ]
 
     def pidfile_pid(self) -> Optional[int]:
         try:
@@ -235,20 +255,7 @@ class Cluster:
 
     def psql(self, sql: str, check: bool = True, timeout_s: float = 60) -> str:
         done = subprocess.run(
-            [
-                f"{self.bindir}/psql",
-                "-h",
-                self.socket_dir,
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-                "-XAtq",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-c",
-                sql,
-            ],
+            self.psql_argv("-d", "postgres", "-v", "ON_ERROR_STOP=1", "-c", sql),
             check=check,
             capture_output=True,
             text=True,
