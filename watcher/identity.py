@@ -23,6 +23,7 @@ from watcher.parse import (
     data_dir_from_argv,
     environ_value,
     parse_postmaster_pid,
+    status_fields,
     status_uids,
 )
 from watcher.procfs import ProcFS, read_file_text
@@ -36,7 +37,7 @@ def inspect(
         stat = procfs.stat(pid)
     if argv is None:
         argv = procfs.cmdline(pid)
-    status = procfs.status(pid)
+    status = status_fields(procfs.read_text(pid, "status"), "Uid", "NSpid")
     uid, _ = status_uids(status)
     ns_pid = _innermost_ns_pid(status, pid)
 

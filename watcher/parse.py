@@ -61,6 +61,22 @@ def parse_status(text: str) -> dict[str, str]:
     return fields
 
 
+def status_fields(text: str, *keys: str) -> dict[str, str]:
+    """Only `keys` from /proc/<pid>/status: parse_status builds all ~55 lines, which costs
+    more than the read itself on the exec -> protected path."""
+    fields: dict[str, str] = {}
+    for key in keys:
+        start = text.find(f"\n{key}:")
+        if start == -1:
+            if not text.startswith(f"{key}:"):
+                continue
+            start = -1
+        start += len(key) + 2
+        end = text.find("\n", start)
+        fields[key] = text[start : end if end != -1 else len(text)].strip()
+    return fields
+
+
 def status_uids(fields: dict[str, str]) -> tuple[int, int]:
     """(real uid, effective uid) from parsed status."""
     uids = fields["Uid"].split()

@@ -24,7 +24,17 @@ from watcher.parse import (
 )
 
 _GONE = frozenset({errno.ENOENT, errno.ESRCH})
+_READ_BYTES = 65536
 _DENIED = frozenset({errno.EACCES, errno.EPERM})
+
+
+def translated(err: OSError, pid: int, what: str) -> Exception:
+    """The error to raise for an OSError from /proc: gone, denied, or the error itself."""
+    if err.errno in _GONE:
+        return ProcessGone(f"pid {pid} is gone ({what})")
+    if err.errno in _DENIED:
+        return AccessDenied(f"pid {pid}: {what}: {os.strerror(err.errno)}")
+    return err
 
 
 @contextmanager
@@ -32,11 +42,7 @@ def translate_errors(pid: int, what: str) -> Iterator[None]:
     try:
         yield
     except OSError as err:
-        if err.errno in _GONE:
-            raise ProcessGone(f"pid {pid} is gone ({what})") from err
-        if err.errno in _DENIED:
-            raise AccessDenied(f"pid {pid}: {what}: {os.strerror(err.errno)}") from err
-        raise
+        raise translated(err, pid, what) from err
 
 
 class ProcFS:
@@ -52,19 +58,24 @@ class ProcFS:
         return [int(name) for name in os.listdir(self.root) if name.isdigit()]
 
     def read_bytes(self, pid: int | str, name: str) -> bytes:
-        with translate_errors(int(pid) if str(pid).isdigit() else 0, name):
-            # Unbuffered open+read: these files are small and regenerated on every read.
+        # The exec -> protected path reads half a dozen of these files: one open, one read
+        # and one close each, no buffered file object, no context manager. The kernel
+        # generates a /proc file of this size in one read, so a short read is the whole of
+        # it; only a full buffer needs another read.
+        try:
             fd = os.open(self.path(pid, name), os.O_RDONLY | os.O_CLOEXEC)
             try:
-                chunks = []
-                while True:
-                    chunk = os.read(fd, 65536)
-                    if not chunk:
-                        break
-                    chunks.append(chunk)
-                return b"".join(chunks)
+                data = os.read(fd, _READ_BYTES)
+                if len(data) == _READ_BYTES:
+                    chunks = [data]
+                    while chunk := os.read(fd, _READ_BYTES):
+                        chunks.append(chunk)
+                    data = b"".join(chunks)
             finally:
                 os.close(fd)
+        except OSError as err:
+            raise translated(err, int(pid) if str(pid).isdigit() else 0, name) from err
+        return data
 
     def read_text(self, pid: int | str, name: str) -> str:
         return self.read_bytes(pid, name).decode("utf-8", "surrogateescape")
