@@ -138,6 +138,15 @@ def watch(
         int,
         typer.Option("--rcvbuf", envvar="PGOOM_RCVBUF", help="Netlink receive buffer in bytes."),
     ] = DEFAULT_RCVBUF_BYTES,
+    realtime: Annotated[
+        bool,
+        typer.Option(
+            "--realtime",
+            envvar="PGOOM_REALTIME",
+            help="Run at SCHED_FIFO priority 1 (needs CAP_SYS_NICE): a starting postmaster "
+            "then never waits behind other tasks for its protection.",
+        ),
+    ] = False,
     metrics_address: Annotated[
         str,
         typer.Option(

@@ -32,6 +32,7 @@ class Settings:
     dry_run: bool = False
     fallback: bool = True  # the seed's methods (b) and (c) when no rule matches
     rcvbuf_bytes: int = DEFAULT_RCVBUF_BYTES
+    realtime: bool = False  # SCHED_FIFO: the exec -> protected tail is CPU contention
     ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S
     proc_root: str = "/proc"
 

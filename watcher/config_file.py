@@ -48,6 +48,7 @@ OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "log_level": (str,),
     "dry_run": (bool,),
     "rcvbuf": (int,),
+    "realtime": (bool,),
     "metrics_address": (str,),
 }
 RULE_TYPES: dict[str, tuple[type, ...]] = {
@@ -330,6 +331,7 @@ def resolve(params: dict[str, Any], explicit: set[str]) -> Resolved:
         dry_run=bool(pick("dry_run")),
         fallback=_fallback(pick("fallback"), cli_rules or use_file_rules),
         rcvbuf_bytes=int(pick("rcvbuf")),
+        realtime=bool(pick("realtime")),
     )
     if use_file_rules:
         rules = [_to_rule(spec, score, children_score, explicit) for spec in file_rules]
