@@ -22,15 +22,14 @@ from watcher.errors import AccessDenied, ProcessGone
 from watcher.identity import inspect
 from watcher.match import (
     Facts,
-    ProcInfo,
     Rule,
     cmdline_text,
     confirm,
-    fallback_postmasters,
     might_be_postmaster,
 )
-from watcher.parse import POSTGRES_BINARIES, Stat
+from watcher.parse import Stat
 from watcher.procfs import ProcFS
+from watcher.scan import PATTERN, candidates
 from watcher.sources.base import Event, Examine, Forked, Rescan, Source
 
 Listener = Callable[[str, dict[str, Any]], None]
@@ -152,21 +151,25 @@ class Engine:
             argv = self.procfs.cmdline(pid)
         except (ProcessGone, AccessDenied):
             return None
-        rule = might_be_postmaster(argv, self.settings.rules)
-        if rule is None:
+        if might_be_postmaster(argv, self.settings.rules) is None:
             return None
+        return self._inspect_and_protect(pid, argv, ts_ns, PATTERN)
+
+    def _inspect_and_protect(
+        self, pid: int, argv: list[str], ts_ns: int, method: str
+    ) -> Optional[Result]:
         try:
             facts = inspect(self.procfs, pid, argv=argv)
         except (ProcessGone, AccessDenied) as err:
             logger.debug("pid {} vanished before it could be examined: {}", pid, err)
             return None
-        return self._protect_if_postmaster(facts, ts_ns, method="pattern")
+        return self._protect_if_postmaster(facts, ts_ns, method=method)
 
     def _protect_if_postmaster(self, facts: Facts, ts_ns: int, method: str) -> Optional[Result]:
         pid, start = facts.pid, facts.stat.starttime_ticks
         text = cmdline_text(facts.argv)
         rule = next((r for r in self.settings.rules if r.matches(text, facts.data_dir)), None)
-        if rule is None and method != "pattern":
+        if rule is None and method != PATTERN:
             rule = self.settings.rules[0]
         if rule is None:
             return None
@@ -302,40 +305,11 @@ class Engine:
     # --- scanning and verifying ------------------------------------------------------------
 
     def scan(self, reason: str) -> None:
-        """Examine every process. The seed's fallbacks (b) and (c) run only when no rule's
-        pattern matched anything."""
+        """Examine every process a rule may cover; the seed's fallbacks (b) and (c) only
+        when no rule's first look matched anything (watcher.scan)."""
         logger.debug("scanning /proc ({})", reason)
-        matched = False
-        postgres: list[ProcInfo] = []
-        for pid in self.procfs.pids():
-            try:
-                argv = self.procfs.cmdline(pid)
-            except (ProcessGone, AccessDenied):
-                continue
-            if might_be_postmaster(argv, self.settings.rules) is not None:
-                matched = True
-                self.examine(pid)
-            elif (
-                self.settings.fallback
-                and argv
-                and (
-                    argv[0].rsplit("/", 1)[-1] in POSTGRES_BINARIES
-                    or argv[0].startswith("postgres:")
-                )
-            ):
-                try:
-                    stat = self.procfs.stat(pid)
-                except (ProcessGone, AccessDenied):
-                    continue
-                postgres.append(ProcInfo(pid, stat.ppid, stat.comm, argv))
-        if not matched and self.settings.fallback and postgres:
-            candidates, method = fallback_postmasters(postgres)
-            for candidate in candidates:
-                try:
-                    facts = inspect(self.procfs, candidate.pid, argv=candidate.argv)
-                except (ProcessGone, AccessDenied):
-                    continue
-                self._protect_if_postmaster(facts, 0, method=method)
+        for found in candidates(self.procfs, self.settings.rules, self.settings.fallback):
+            self._inspect_and_protect(found.pid, found.argv, 0, found.method)
 
     def verify(self, full_scan: bool = False) -> None:
         """Drift repair: a runtime or an operator may reset a protected postmaster's score.

@@ -2,8 +2,9 @@
 
 Finds postmasters with the watcher's own rules (a pattern or data-directory rule names the
 candidate, watcher.identity.inspect gathers the facts, watcher.match.confirm decides; the
-seed's fallbacks apply when no pattern matches anything) and polls until every one is at
-or below the expected score, or the timeout passes. Read-only: it never writes a score.
+seed's fallbacks apply, with the default pattern only, when it matches nothing) and polls
+until every one is at or below the expected score, or the timeout passes. Read-only: it
+never writes a score.
 
 Exit codes (watcher/errors.py):
   0  every postmaster found is at or below --score
@@ -30,16 +31,12 @@ from watcher.errors import (
 )
 from watcher.identity import inspect
 from watcher.match import (
-    ProcInfo,
     Rule,
     cmdline_text,
     confirm,
-    fallback_postmasters,
-    is_title_rewritten,
-    might_be_postmaster,
 )
-from watcher.parse import POSTGRES_BINARIES
 from watcher.procfs import ProcFS
+from watcher.scan import PATTERN, candidates
 
 # Short enough that a probe with a 1 s timeout still gets several looks; long enough that a
 # 10 s wait costs a hundred /proc scans, not thousands.
@@ -56,29 +53,14 @@ class Found:
     reason: str  # why confirm() accepted it
 
 
-def find_postmasters(procfs: ProcFS, rules: list[Rule], score: int) -> list[Found]:
+def find_postmasters(
+    procfs: ProcFS, rules: list[Rule], score: int, fallback: bool = True
+) -> list[Found]:
     """One scan of /proc, deciding as `pgoom watch` does, and reading each score."""
     found: list[Found] = []
-    pattern_matched = False
-    postgres: list[ProcInfo] = []
-    for pid in procfs.pids():
-        try:
-            argv = procfs.cmdline(pid)
-        except (ProcessGone, AccessDenied):
-            continue
-        if might_be_postmaster(argv, rules) is not None:
-            pattern_matched = True
-            _consider(procfs, pid, argv, rules, score, None, found)
-        elif argv and (argv[0].rsplit("/", 1)[-1] in POSTGRES_BINARIES or is_title_rewritten(argv)):
-            try:
-                stat = procfs.stat(pid)
-            except (ProcessGone, AccessDenied):
-                continue
-            postgres.append(ProcInfo(pid, stat.ppid, stat.comm, argv))
-    if not pattern_matched and postgres:
-        candidates, method = fallback_postmasters(postgres)
-        for candidate in candidates:
-            _consider(procfs, candidate.pid, candidate.argv, rules, score, method, found)
+    for candidate in candidates(procfs, rules, fallback):
+        method = None if candidate.method == PATTERN else candidate.method
+        _consider(procfs, candidate.pid, candidate.argv, rules, score, method, found)
     return found
 
 
@@ -135,11 +117,13 @@ def verify_postmasters(
     if timeout_s < 0:
         raise UsageError(f"--timeout {timeout_s:g} must be 0 or more seconds")
     rules = build_rules(patterns, [check_data_dir(d) for d in data_dirs], score, None)
+    # As in `pgoom watch`: the seed's fallbacks guess, so only with the default pattern.
+    fallback = not (patterns or data_dirs)
     procfs = procfs or ProcFS()
     start = time.monotonic()
     deadline = start + timeout_s
     while True:
-        found = find_postmasters(procfs, rules, score)
+        found = find_postmasters(procfs, rules, score, fallback)
         elapsed_s = time.monotonic() - start
         if found and all(f.protected for f in found):
             return _result(EXIT_OK, found, rules, score, timeout_s, elapsed_s, as_json)

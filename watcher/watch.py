@@ -14,8 +14,9 @@ from watcher.engine import Engine
 from watcher.errors import AccessDenied, PgoomError, ProcessGone
 from watcher.identity import inspect
 from watcher.logs import setup_logging
-from watcher.match import confirm, might_be_postmaster
+from watcher.match import confirm
 from watcher.procfs import ProcFS
+from watcher.scan import candidates
 from watcher.sources.select import open_source
 
 
@@ -23,12 +24,9 @@ def discover_data_dirs(settings: Settings, procfs: ProcFS) -> list[str]:
     """Data directories of verified postmasters running now (for inotify without
     --data-dir)."""
     found: list[str] = []
-    for pid in procfs.pids():
+    for candidate in candidates(procfs, settings.rules, fallback=False):
         try:
-            argv = procfs.cmdline(pid)
-            if might_be_postmaster(argv, settings.rules) is None:
-                continue
-            facts = inspect(procfs, pid, argv=argv)
+            facts = inspect(procfs, candidate.pid, argv=candidate.argv)
         except (ProcessGone, AccessDenied):
             continue
         if confirm(facts).ok and facts.data_dir and facts.data_dir not in found:

@@ -130,15 +130,25 @@ def test_pattern_narrows_to_one_cluster(tree: FakeProc) -> None:
     assert code == EXIT_CHECK_FAILED and f"pid {unprotected}" in text
 
 
-def test_fallback_finds_a_postmaster_no_pattern_names(tree: FakeProc) -> None:
-    # As watch does: when no pattern matches anything, the parent of postgres processes.
-    pid = postmaster(tree, adj=0)
+def test_fallback_finds_a_postmaster_the_default_pattern_misses(tree: FakeProc) -> None:
+    # As watch does: with the default pattern matching nothing, the parent of postgres
+    # processes. `-D<dir>` without a space is a postmaster the default pattern misses.
+    argv = ["/usr/lib/postgresql/15/bin/postgres", "-D/pgdata/pgtf33d918b"]
+    pid = postmaster(tree, adj=0, argv=argv)
     tree.install("backend", uid=ME)
-    code, text = verify(tree, patterns=["no-such-command"], as_json=True)
+    code, text = verify(tree, as_json=True)
     assert code == EXIT_OK
     doc = json.loads(text)
     assert [p["pid"] for p in doc["postmasters"]] == [pid]
     assert doc["postmasters"][0]["how"].startswith("fallback: ")
+
+
+def test_no_fallback_once_a_pattern_is_given(tree: FakeProc) -> None:
+    # Naming what to protect turns the guessing off: another cluster is not "found".
+    postmaster(tree, adj=0)
+    tree.install("backend", uid=ME)
+    code, _ = verify(tree, patterns=["no-such-command"])
+    assert code == EXIT_NOT_FOUND
 
 
 def test_data_dir_rule_finds_its_cluster(tree: FakeProc) -> None:
