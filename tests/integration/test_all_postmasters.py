@@ -23,7 +23,7 @@ from typing import Optional
 
 import pytest
 
-from tests.support.pg import Template, children_of, demote, read_score, wait_for
+from tests.support.pg import Template, children_of, demote, pidfile_pid, read_score, wait_for
 from tests.support.watcher import Watcher
 
 pytestmark = pytest.mark.root
@@ -75,15 +75,9 @@ class Bare:
             )
 
     def postmaster_pid(self) -> int:
-        def read() -> Optional[int]:
-            try:
-                with open(f"{self.data_dir}/postmaster.pid") as f:
-                    first = f.readline().strip()
-            except FileNotFoundError:
-                return None
-            return int(first) if first.isdigit() else None
-
-        pid = wait_for(read, 30, 0.02, what=f"postmaster.pid in {self.data_dir}")
+        pid = wait_for(
+            lambda: pidfile_pid(self.data_dir), 30, 0.02, what=f"postmaster.pid in {self.data_dir}"
+        )
         assert isinstance(pid, int)
         return pid
 

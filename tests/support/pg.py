@@ -77,6 +77,16 @@ def ensure_pg_user() -> tuple[int, int]:
     return entry.pw_uid, entry.pw_gid
 
 
+def pidfile_pid(data_dir: str) -> Optional[int]:
+    """Line 1 of <data_dir>/postmaster.pid, once PostgreSQL has written it."""
+    try:
+        with open(f"{data_dir}/postmaster.pid") as f:
+            first = f.readline().strip()
+    except FileNotFoundError:
+        return None
+    return int(first) if first.isdigit() else None
+
+
 def read_score(pid: int) -> int:
     with open(f"/proc/{pid}/oom_score_adj") as f:
         return int(f.read())
@@ -229,12 +239,7 @@ class Cluster:
         ]
 
     def pidfile_pid(self) -> Optional[int]:
-        try:
-            with open(f"{self.data_dir}/postmaster.pid") as f:
-                first = f.readline().strip()
-        except FileNotFoundError:
-            return None
-        return int(first) if first.isdigit() else None
+        return pidfile_pid(self.data_dir)
 
     def postmaster_pid(self) -> int:
         pid = wait_for(self.pidfile_pid, 30, what="postmaster.pid")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,20 +20,6 @@ OTHER = 65534 if ME != 65534 else 65533
 @pytest.fixture
 def tree(tmp_path: Path) -> FakeProc:
     return FakeProc(tmp_path)
-
-
-@pytest.fixture
-def alarm() -> Iterator[None]:
-    """Turn a hang (a blocking open of a FIFO) into a failure instead of a stuck suite."""
-
-    def fail(_signum: int, _frame: object) -> None:
-        raise TimeoutError("blocked")
-
-    old = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(5)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
 
 
 def running_postmaster(tree: FakeProc, name: str = "postmaster", **kw: object) -> tuple[int, str]:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,20 +40,6 @@ def test_refuses_a_file_owned_by_another_uid(tmp_path: Path) -> None:
     with pytest.raises(UnsafeLogPath, match=r"not a regular file owned by uid 0"):
         SafeFileSink(str(planted))
     assert planted.read_text() == ""
-
-
-@pytest.fixture
-def alarm() -> Iterator[None]:
-    """Turn a hang into a failure instead of a stuck suite."""
-
-    def fail(_signum: int, _frame: object) -> None:
-        raise TimeoutError("blocked")
-
-    old = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(5)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
 
 
 def test_refuses_a_fifo_without_blocking(tmp_path: Path, alarm: None) -> None:
