@@ -231,7 +231,8 @@ def write_outputs(
         print(f"FAIL: {failure}")
     protected = [r for g in groups if g.mode == PROTECTED for r in g.runs]
     survived = sum(1 for r in protected if r.postmaster_survived)
-    lost = sum(r.rows_lost or 0 for g in groups for r in g.runs)
+    # Cumulative within a group (one table): its last run's figure is the group's.
+    lost = sum(g.runs[-1].rows_lost or 0 for g in groups if g.runs)
     worst = max((r.recovery_s or 0.0 for r in protected), default=0.0)
     storm_text = ""
     if storm is not None:

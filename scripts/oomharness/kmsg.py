@@ -15,7 +15,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-_KILLED = re.compile(r"Killed process (\d+) \((.*?)\).*?oom_score_adj:(-?\d+)")
+# The comm is up to 15 bytes of anything, ")" included: anchor on the field after it.
+_KILLED = re.compile(r"Killed process (\d+) \((.*)\) total-vm:.*?oom_score_adj:(-?\d+)")
 _CONSTRAINT = re.compile(r"oom-kill:.*?oom_memcg=([^,]*),.*?pid=(\d+)")
 _TASK_HEADER = re.compile(r"^\[\s*pid\s*\]\s+(.*)$")
 _TASK_ROW = re.compile(r"^\[\s*(\d+)\]\s+(.*)$")
@@ -96,16 +97,19 @@ def parse(lines: list[str], memcg_path: str, pids: Optional[set[int]] = None) ->
             continue
         row = _TASK_ROW.match(line)
         if row and columns:
-            values = row.group(2).split()
             # columns: uid tgid total_vm rss [rss_anon rss_file rss_shmem] pgtables swapents
-            # oom_score_adj name
+            # oom_score_adj name -- the name last, and it may contain spaces
+            values = row.group(2).split(None, len(columns) - 1)
             if len(values) == len(columns):
                 entry = dict(zip(columns, values))
-                pending_tasks[int(row.group(1))] = {
-                    "rss_pages": int(entry.get("rss", 0)),
-                    "oom_score_adj": int(entry.get("oom_score_adj", 0)),
-                    "name": entry.get("name", ""),
-                }
+                try:
+                    pending_tasks[int(row.group(1))] = {
+                        "rss_pages": int(entry.get("rss", 0)),
+                        "oom_score_adj": int(entry.get("oom_score_adj", 0)),
+                        "name": entry.get("name", ""),
+                    }
+                except ValueError:
+                    pass  # a garbled row: the harness reports without it, never crashes
             continue
         constraint = _CONSTRAINT.search(line)
         if constraint:

@@ -50,10 +50,14 @@ def _recovery(group: Group) -> str:
 
 
 def _rows_lost(group: Group) -> str:
+    # One table per group and each run counts all of it: a run's figure already includes
+    # the earlier runs' losses, so the group's is the last run's, not their sum.
     lost = [r.rows_lost for r in group.runs]
+    if not lost:
+        return "-"
     if any(x is None for x in lost):
         return "not counted"
-    return str(sum(x for x in lost if x is not None))
+    return str(lost[-1])
 
 
 def markdown(
