@@ -23,7 +23,14 @@ from typing import Optional
 
 import pytest
 
-from tests.support.pg import Template, children_of, demote, pidfile_pid, read_score, wait_for
+from tests.support.pg import (
+    Template,
+    children_settled_at,
+    demote,
+    pidfile_pid,
+    read_score,
+    wait_for,
+)
 from tests.support.watcher import Watcher
 
 pytestmark = pytest.mark.root
@@ -113,13 +120,6 @@ class Bare:
         with open(self.log_path, errors="replace") as log:
             print(f"--- {self.data_dir} server log ---\n{log.read()[-3000:]}")  # on failure
         shutil.rmtree(self.socket_dir, ignore_errors=True)
-
-
-def _score_or_none(pid: int) -> Optional[int]:
-    try:
-        return read_score(pid)
-    except FileNotFoundError:
-        return None
 
 
 def _alive(pid: int) -> bool:
@@ -265,11 +265,8 @@ def test_every_postmaster_is_protected(
         assert f"postmaster pid={pid} data_dir={bare.data_dir} " in text
         bare.wait_ready()
         client = bare.connect_backend()
-        wait_for(lambda: len(children_of(pid)) >= 4, 10, what="backend and aux processes")
         # The children reset themselves through PG_OOM_ADJUST_*; pgoom left them alone.
-        scores = {c: _score_or_none(c) for c in children_of(pid)}
-        alive = {c: v for c, v in scores.items() if v is not None}  # workers come and go
-        assert len(alive) >= 4 and set(alive.values()) == {LAUNCHER}, scores
+        children_settled_at(pid, LAUNCHER, minimum=4)
         assert read_score(pid) == PROTECTED
     finally:
         if client is not None:

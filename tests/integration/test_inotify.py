@@ -17,7 +17,14 @@ from typing import Callable
 
 import pytest
 
-from tests.support.pg import PGDATA_ROOT, Cluster, Template, read_score, wait_for
+from tests.support.pg import (
+    PGDATA_ROOT,
+    Cluster,
+    Template,
+    children_settled_at,
+    read_score,
+    wait_for,
+)
 from tests.support.watcher import Watcher
 from watcher.sources.base import Event, Examine
 from watcher.sources.inotify import InotifySource
@@ -150,17 +157,6 @@ def _protected(pid: int) -> bool:
         return False
 
 
-def _children_at_1000(cluster: Cluster) -> bool:
-    kids = cluster.backend_pids()
-    scores = []
-    for kid in kids:
-        try:
-            scores.append(read_score(kid))
-        except FileNotFoundError:
-            continue
-    return len(scores) >= 3 and all(s == 1000 for s in scores)
-
-
 def test_watch_protects_postmaster_through_restarts(
     make_cluster: Callable[..., Cluster], pg_template: Template
 ) -> None:
@@ -196,7 +192,7 @@ def test_watch_protects_postmaster_through_restarts(
         line = next(x for x in log.splitlines() if f"protected postmaster pid={pm} " in x)
         assert "source=inotify" in line and "latency_us=-" not in line
         cluster.wait_ready()
-        wait_for(lambda: _children_at_1000(cluster), 10, what="children at 1000")
+        children_settled_at(cluster.postmaster_pid(), 1000, minimum=3)
 
         # 2. Crash-restart: a child killed by SIGKILL makes the postmaster reinitialise.
         victim = cluster.backend_pids()[0]
@@ -205,7 +201,7 @@ def test_watch_protects_postmaster_through_restarts(
         wait_for(lambda: not (set(cluster.backend_pids()) & before), 20, what="reinit")
         cluster.wait_ready()
         assert cluster.pidfile_pid() == pm and read_score(pm) == 0
-        wait_for(lambda: _children_at_1000(cluster), 10, what="new children at 1000")
+        children_settled_at(cluster.postmaster_pid(), 1000, minimum=3)
 
         # 3. Clean stop, then start again: a new PID, protected by the lock-file event.
         cluster.stop()
@@ -213,7 +209,7 @@ def test_watch_protects_postmaster_through_restarts(
         assert pm2 != pm
         wait_for(lambda: _protected(pm2), 10, what="restarted postmaster protected")
         cluster.wait_ready()
-        wait_for(lambda: _children_at_1000(cluster), 10, what="children at 1000")
+        children_settled_at(cluster.postmaster_pid(), 1000, minimum=3)
 
         # 4. SIGKILL of the postmaster leaves a stale postmaster.pid; start again.
         kids = cluster.backend_pids()
@@ -225,7 +221,7 @@ def test_watch_protects_postmaster_through_restarts(
         pm3 = cluster.start(wait=False)
         wait_for(lambda: _protected(pm3), 10, what="postmaster after SIGKILL protected")
         cluster.wait_ready()
-        wait_for(lambda: _children_at_1000(cluster), 10, what="children at 1000")
+        children_settled_at(cluster.postmaster_pid(), 1000, minimum=3)
 
         # 5. A look-alike: a shell named postgres, run as the data directory's owner, writes
         # a lock file naming itself. It must not be protected.

@@ -25,7 +25,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.pg import PGDATA_ROOT, Template, children_of, read_score, wait_for
+from tests.support.pg import (
+    PGDATA_ROOT,
+    Template,
+    children_of,
+    children_settled_at,
+    read_score,
+    wait_for,
+)
 from tests.support.watcher import Watcher
 
 pytestmark = pytest.mark.root
@@ -169,8 +176,7 @@ def test_sidecar_protects_postmaster_in_a_shared_pid_namespace(
         assert status_field(inside[0], "Uid").split()[0] == "0"
 
         wait_for(lambda: read_score(postmaster) == 0, 15, what="postmaster protected")
-        backends = children_of(postmaster)
-        assert backends and all(read_score(pid) == 1000 for pid in backends)
+        children_settled_at(postmaster, 1000)
     finally:
         pod.close()  # everything in the pod ends with its PID 1; the nsenters then exit
         database.wait(timeout=10)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.support.pg import Cluster, children_of, read_score, wait_for
+from tests.support.pg import Cluster, children_of, children_settled_at, read_score, wait_for
 from tests.support.watcher import Watcher
 
 pytestmark = pytest.mark.root
@@ -61,18 +61,6 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError):
         return False
-
-
-def child_scores(pm: int) -> list[int]:
-    """oom_score_adj of the postmaster's children still alive when read (the startup
-    process and autovacuum workers come and go)."""
-    scores = []
-    for child in children_of(pm):
-        try:
-            scores.append(read_score(child))
-        except (FileNotFoundError, ProcessLookupError, ValueError):
-            continue
-    return scores
 
 
 def backend_score(cluster: Cluster) -> int:
@@ -121,9 +109,7 @@ def test_postmaster_protected_through_restart_and_kill(
         assert f"source={source}" in done[0]
     else:  # only where another watcher on a shared host (another test) got there first
         watcher.wait_for_log(f"postmaster pid={pm} data_dir={cluster.data_dir} already at", 5)
-    aux = child_scores(pm)
-    assert aux, "no auxiliary processes"
-    assert set(aux) == {1000}
+    children_settled_at(pm, 1000)  # the auxiliary processes
     assert backend_score(cluster) == 1000
 
     # pg_ctl restart: a new postmaster (through pg_ctl's shell) under the same data dir.
@@ -156,7 +142,7 @@ def test_postmaster_protected_through_restart_and_kill(
     again = cluster.postmaster_pid()
     assert again not in (pm, restarted, direct)
     wait_score(again, 0)
-    assert set(child_scores(again)) <= {1000}
+    children_settled_at(again, 1000)
     assert backend_score(cluster) == 1000
     assert watcher.proc.poll() is None
     assert "Traceback" not in watcher.text()

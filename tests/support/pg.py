@@ -92,6 +92,31 @@ def read_score(pid: int) -> int:
         return int(f.read())
 
 
+def children_settled_at(pm: int, score: int, minimum: int = 1, timeout_s: float = 10) -> list[int]:
+    """Wait until at least `minimum` children of `pm` are alive and every one alive when read
+    is at `score`; return their scores. A child caught between fork and its own write of
+    PG_OOM_ADJUST_VALUE still shows the postmaster's score for a moment (longer on a busy
+    machine): one snapshot would blame pgoom for PostgreSQL's timing. A child that stays
+    elsewhere still fails the wait."""
+    last: list[int] = []
+
+    def settled() -> bool:
+        nonlocal last
+        last = []
+        for child in children_of(pm):
+            try:
+                last.append(read_score(child))
+            except (FileNotFoundError, ProcessLookupError, ValueError):
+                continue  # exited meanwhile (autovacuum workers come and go)
+        return len(last) >= minimum and set(last) == {score}
+
+    try:
+        wait_for(settled, timeout_s, 0.02, what=f"children of {pm} at {score}")
+    except TimeoutError as err:
+        raise AssertionError(f"children of {pm}: scores {last}, expected all {score}") from err
+    return last
+
+
 def children_of(pid: int) -> list[int]:
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
