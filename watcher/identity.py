@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import stat as stat_module
 from typing import Optional
 
 from watcher.binary import is_postgres_server
@@ -47,29 +48,23 @@ def inspect(
         binary = None
     is_server = is_postgres_server(procfs.path(pid, "exe")) if binary in POSTGRES_BINARIES else None
 
-    data_dir = _data_dir(procfs, pid, argv)
+    data_dir, located = _data_dir(procfs, pid, argv)
     data_dir_uid: Optional[int] = None
     pidfile = None
     pidfile_state = "missing"
     names_live = False
-    if data_dir is not None:
-        access = _accessible_dir(procfs, pid, data_dir)
-        if access is not None:
-            try:
-                data_dir_uid = os.stat(access).st_uid
-            except OSError:  # removed since _accessible_dir looked: as if never there
-                access = None
-        if access is not None:
-            try:
-                text = read_file_text(posixpath.join(access, "postmaster.pid"))
-            except AccessDenied:
-                pidfile_state = "unreadable"
-            else:
-                pidfile = parse_postmaster_pid(text) if text is not None else None
-                if pidfile is not None:
-                    pidfile_state = "ok"
-                    if pidfile.pid != ns_pid:
-                        names_live = _is_live_postgres(procfs, pidfile.pid, pid, ns_pid)
+    if located is not None:
+        access, data_dir_uid = located
+        try:
+            text = read_file_text(posixpath.join(access, "postmaster.pid"))
+        except AccessDenied:
+            pidfile_state = "unreadable"
+        else:
+            pidfile = parse_postmaster_pid(text) if text is not None else None
+            if pidfile is not None:
+                pidfile_state = "ok"
+                if pidfile.pid != ns_pid:
+                    names_live = _is_live_postgres(procfs, pidfile.pid, pid, ns_pid)
     # The lock file holds the PID as the postmaster's own namespace numbers it.
     if pidfile is not None and pidfile.pid == ns_pid and ns_pid != pid:
         pidfile = pidfile.__class__(pid, pidfile.data_dir, pidfile.start_epoch, pidfile.port)
@@ -92,7 +87,11 @@ def _innermost_ns_pid(status: dict[str, str], pid: int) -> int:
     return int(ns[-1]) if ns else pid
 
 
-def _data_dir(procfs: ProcFS, pid: int, argv: list[str]) -> Optional[str]:
+Located = tuple[str, int]  # (path this process can open, owner uid)
+
+
+def _data_dir(procfs: ProcFS, pid: int, argv: list[str]) -> tuple[Optional[str], Optional[Located]]:
+    """The data directory as the process names it, and where this process reaches it."""
     data_dir = data_dir_from_argv(argv)
     if data_dir is None:
         try:
@@ -104,47 +103,50 @@ def _data_dir(procfs: ProcFS, pid: int, argv: list[str]) -> Optional[str]:
         try:
             cwd = procfs.cwd(pid)
         except AccessDenied:
-            return None
-        return (
-            cwd
-            if os.path.exists(posixpath.join(procfs.path(pid, "cwd"), "postmaster.pid"))
-            else None
-        )
+            return None, None
+        if not os.path.exists(posixpath.join(procfs.path(pid, "cwd"), "postmaster.pid")):
+            return None, None
+        return cwd, _locate(procfs, pid, cwd)
     if not data_dir.startswith("/"):
         try:
             cwd = procfs.cwd(pid)
         except AccessDenied:
-            return None
+            return None, None
         joined = posixpath.normpath(posixpath.join(cwd, data_dir))
         # After start-up the postmaster has already changed into its data directory.
         data_dir = joined if os.path.isdir(procfs.in_process_root(pid, joined)) else cwd
     return _through_config_dir(procfs, pid, posixpath.normpath(data_dir))
 
 
-def _through_config_dir(procfs: ProcFS, pid: int, directory: str) -> str:
+def _through_config_dir(procfs: ProcFS, pid: int, directory: str) -> tuple[str, Optional[Located]]:
     """`-D` may name a configuration directory whose postgresql.conf sets data_directory
     (Debian keeps configuration in /etc/postgresql/<v>/<name>). A data directory holds
     PG_VERSION; a configuration directory does not."""
-    access = _accessible_dir(procfs, pid, directory)
-    if access is None or os.path.exists(posixpath.join(access, "PG_VERSION")):
-        return directory
+    located = _locate(procfs, pid, directory)
+    if located is None or os.path.exists(posixpath.join(located[0], "PG_VERSION")):
+        return directory, located
     try:
-        text = read_file_text(posixpath.join(access, "postgresql.conf"))
+        text = read_file_text(posixpath.join(located[0], "postgresql.conf"))
     except AccessDenied:
         text = None
     target = conf_data_directory(text) if text is not None else None
     if target is None:
-        return directory
-    return posixpath.normpath(posixpath.join(directory, target))
+        return directory, located
+    data_dir = posixpath.normpath(posixpath.join(directory, target))
+    return data_dir, _locate(procfs, pid, data_dir)
 
 
-def _accessible_dir(procfs: ProcFS, pid: int, data_dir: str) -> Optional[str]:
-    for candidate in (procfs.in_process_root(pid, data_dir), data_dir):
+def _locate(procfs: ProcFS, pid: int, directory: str) -> Optional[Located]:
+    """Reach `directory` through /proc/<pid>/root (the process's mount namespace) where
+    ptrace access allows, else by its path here (a pod's shared volume). One stat gives both
+    "is a directory" and its owner."""
+    for candidate in (procfs.in_process_root(pid, directory), directory):
         try:
-            if os.path.isdir(candidate) and os.access(candidate, os.X_OK):
-                return candidate
+            info = os.stat(candidate)
         except OSError:
             continue
+        if stat_module.S_ISDIR(info.st_mode):
+            return candidate, info.st_uid
     return None
 
 
