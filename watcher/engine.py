@@ -50,9 +50,7 @@ class Counters:
     events: int = 0
     adjustments: int = 0
     failures: dict[str, int] = field(default_factory=dict)
-    rescans: int = 0
     drift_repairs: int = 0
-    latencies_us: list[int] = field(default_factory=list)
 
 
 class Engine:
@@ -66,8 +64,13 @@ class Engine:
         self.listeners: list[Listener] = []
         self._reported: set[tuple[int, int, str]] = set()  # (pid, start, reason) logged once
         self._stop = False
+        self._stop_signal: Optional[str] = None
         self._wake_r, self._wake_w = socket.socketpair()
-        self._children_wanted = any(r.children_score is not None for r in settings.rules)
+        # Without fork events (inotify, poll) children of protected postmasters are found by
+        # scanning every --interval; with netlink the Forked events cover them.
+        self._scan_children = (
+            any(r.children_score is not None for r in settings.rules) and source.name != "netlink"
+        )
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -97,7 +100,7 @@ class Engine:
                 # Idle event mode has no timer unless there is something to verify: 0 wakeups.
                 if self.protected or not event_driven:
                     deadlines.append(next_verify)
-                if self._children_wanted and self.protected and self.source.name != "netlink":
+                if self._scan_children and self.protected:
                     deadlines.append(next_children)
                 timeout = max(0.0, min(deadlines) - now) if deadlines else None
                 ready = selector.select(timeout)
@@ -105,6 +108,7 @@ class Engine:
                     if key.data == "wake":
                         self._drain_wakeups()
                 if self._stop:
+                    logger.info("received {}, stopping", self._stop_signal or "stop")
                     break
                 now = time.monotonic()
                 if any(key.data == "source" for key, _ in ready) or (
@@ -115,7 +119,7 @@ class Engine:
                 if now >= next_verify:
                     self.verify(full_scan=not event_driven)
                     next_verify = now + self.settings.verify_interval_s
-                if now >= next_children:
+                if self._scan_children and now >= next_children:
                     self.adjust_children()
                     next_children = now + self.settings.interval_s
         finally:
@@ -138,7 +142,6 @@ class Engine:
             elif isinstance(event, Forked):
                 self.forked(event)
             elif isinstance(event, Rescan):
-                self.counters.rescans += 1
                 self._emit("rescan", reason=event.reason)
                 self.scan(event.reason)
 
@@ -216,9 +219,6 @@ class Engine:
         )
         if result.outcome is Outcome.ADJUSTED:
             self.counters.adjustments += 1
-            if latency_us is not None:
-                self.counters.latencies_us.append(latency_us)
-                del self.counters.latencies_us[:-10000]
             logger.bind(**fields).info(
                 "protected postmaster pid={} data_dir={} oom_score_adj {} -> {} source={} "
                 "latency_us={}",
@@ -316,9 +316,9 @@ class Engine:
         Without netlink this tick also rescans, to find postmasters no event announced."""
         for pid, known in list(self.protected.items()):
             try:
-                stat: Stat = self.procfs.stat(pid)
+                stat: Optional[Stat] = self.procfs.stat(pid)
             except (ProcessGone, AccessDenied):
-                stat = None  # type: ignore[assignment]
+                stat = None
             if stat is None or stat.starttime_ticks != known.starttime_ticks or stat.state == "Z":
                 logger.info("postmaster pid={} data_dir={} exited", pid, known.data_dir)
                 del self.protected[pid]
@@ -380,7 +380,9 @@ class Engine:
         self._wake_r.setblocking(False)
 
         def _handler(signum: int, _frame: object) -> None:
-            logger.info("received {}, stopping", signal.Signals(signum).name)
+            # Only a flag and a wakeup: logging here could wait on the logger's lock, which
+            # the interrupted main thread may be holding. The loop logs the stop.
+            self._stop_signal = signal.Signals(signum).name
             self.stop()
 
         signal.signal(signal.SIGTERM, _handler)
