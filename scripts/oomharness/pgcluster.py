@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from scripts.oomharness.cgroup import enter
-from tests.support.pg import Cluster, Template, children_of, demote, wait_for
+from tests.support.pg import Cluster, Template, alive, children_of, demote, wait_for
 
 # Settings for the harness's clusters, appended after the template's (the last one wins).
 # synchronous_commit=on: the template's 'off' would let a crash lose the latest commits
@@ -67,13 +67,6 @@ class HarnessCluster(Cluster):
         """A --pattern for pgoom that names this cluster's postmaster and nothing else."""
         return rf"postgres -D {self.data_dir}(\s|$)"
 
-    def alive(self, pid: int) -> bool:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            return False
-
     def try_connect(self, timeout_s: float = 5.0) -> tuple[bool, str]:
         """One real connection and query: (ok, error text)."""
         try:
@@ -106,18 +99,18 @@ class HarnessCluster(Cluster):
     def kill_leftovers(self, pids: list[int], timeout_s: float = 10.0) -> list[int]:
         """After the postmaster died: wait for its orphans to notice and exit, then SIGKILL
         the stragglers (our own processes, by PID). Returns the PIDs that had to be killed."""
-        postgres = [p for p in pids if self.alive(p)]
+        postgres = [p for p in pids if alive(p)]
         killed: list[int] = []
         try:
-            wait_for(lambda: not any(self.alive(p) for p in postgres), timeout_s, 0.05)
+            wait_for(lambda: not any(alive(p) for p in postgres), timeout_s, 0.05)
         except TimeoutError:
-            killed = [p for p in postgres if self.alive(p)]
+            killed = [p for p in postgres if alive(p)]
             for pid in killed:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            wait_for(lambda: not any(self.alive(p) for p in killed), 10, 0.05)
+            wait_for(lambda: not any(alive(p) for p in killed), 10, 0.05)
         for pid in postgres:
             reap(pid)
         return killed

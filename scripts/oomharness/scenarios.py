@@ -21,7 +21,7 @@ from typing import Callable, Optional
 from scripts.oomharness import kmsg
 from scripts.oomharness.cgroup import MemoryCgroup, enter
 from scripts.oomharness.pgcluster import HarnessCluster, Session
-from tests.support.pg import Template, read_score, wait_for
+from tests.support.pg import Template, alive, read_score, wait_for
 from tests.support.watcher import PGOOM, Watcher
 from watcher.match import role_of
 
@@ -397,14 +397,14 @@ class Harness:
         kill_time = monitor.times[0] if monitor.times else time.monotonic()
         deadline = kill_time + self.config.recovery_timeout_s
         # Probe at once, before anything else is looked at: the clock started at the kill.
-        while cluster.alive(pm) and cluster.pidfile_pid() == pm:
+        while alive(pm) and cluster.pidfile_pid() == pm:
             ok, _ = cluster.try_connect(5)
-            if ok and cluster.alive(pm):
+            if ok and alive(pm):
                 run.postmaster_survived = True
                 run.recovery_s = round(time.monotonic() - kill_time, 3)
                 return
             if time.monotonic() > deadline:
-                run.postmaster_survived = cluster.alive(pm)
+                run.postmaster_survived = alive(pm)
                 run.problems.append(f"no connection within {self.config.recovery_timeout_s} s")
                 return
             time.sleep(0.01)

@@ -3,9 +3,6 @@ score (a Guaranteed pod's -997 must not become -900). Positive offsets on this m
 
 from __future__ import annotations
 
-import subprocess
-from collections.abc import Iterator
-
 import pytest
 
 from tests.support.pg import read_score
@@ -13,14 +10,6 @@ from watcher.adjust import Adjuster, Outcome
 from watcher.procfs import ProcFS
 
 pytestmark = pytest.mark.root
-
-
-@pytest.fixture
-def sleeper() -> Iterator[int]:
-    proc = subprocess.Popen(["sleep", "60"])
-    yield proc.pid
-    proc.kill()
-    proc.wait()
 
 
 def test_only_lower_leaves_a_lower_score_alone(sleeper: int) -> None:

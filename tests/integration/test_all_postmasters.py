@@ -25,6 +25,7 @@ import pytest
 
 from tests.support.pg import (
     Template,
+    alive,
     children_settled_at,
     demote,
     pidfile_pid,
@@ -114,20 +115,12 @@ class Bare:
             pid = 0
         if pid and os.path.exists(f"/proc/{pid}"):
             os.kill(pid, 3)  # SIGQUIT: immediate shutdown of our own postmaster
-            wait_for(lambda: not _alive(pid), 30, 0.05, what="postmaster to stop")
+            wait_for(lambda: not alive(pid), 30, 0.05, what="postmaster to stop")
         if self.proc is not None:
             self.proc.wait(timeout=10)
         with open(self.log_path, errors="replace") as log:
             print(f"--- {self.data_dir} server log ---\n{log.read()[-3000:]}")  # on failure
         shutil.rmtree(self.socket_dir, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @pytest.fixture(scope="module")

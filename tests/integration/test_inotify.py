@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +20,7 @@ from tests.support.pg import (
     PGDATA_ROOT,
     Cluster,
     Template,
+    alive,
     children_settled_at,
     read_score,
     wait_for,
@@ -60,15 +60,6 @@ def write_like_postgres(data_dir: Path, pid: int) -> None:
         fd = os.open(path, os.O_RDWR)
         os.write(fd, lines.encode())
         os.close(fd)
-
-
-@pytest.fixture
-def sleeper() -> Iterator[int]:
-    """A live process whose PID the fake lock files name."""
-    proc = subprocess.Popen(["sleep", "60"])
-    yield proc.pid
-    proc.kill()
-    proc.wait()
 
 
 def test_lock_file_written_like_postgres_is_announced_once(tmp_path: Path, sleeper: int) -> None:
@@ -142,14 +133,6 @@ def test_data_dir_added_at_runtime(tmp_path: Path, sleeper: int) -> None:
 # --- pgoom watch --source inotify with a real postmaster ----------------------------------
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def _protected(pid: int) -> bool:
     try:
         return read_score(pid) == 0
@@ -216,7 +199,7 @@ def test_watch_protects_postmaster_through_restarts(
         os.kill(pm2, signal.SIGKILL)
         assert cluster.proc is not None
         cluster.proc.wait(timeout=10)  # reap it, or the stale PID would look alive
-        wait_for(lambda: not any(_alive(k) for k in kids), 20, what="orphans to exit")
+        wait_for(lambda: not any(alive(k) for k in kids), 20, what="orphans to exit")
         assert cluster.pidfile_pid() == pm2  # the stale file is still there
         pm3 = cluster.start(wait=False)
         wait_for(lambda: _protected(pm3), 10, what="postmaster after SIGKILL protected")

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.support.pg import Cluster, children_of, children_settled_at, read_score, wait_for
+from tests.support.pg import Cluster, alive, children_of, children_settled_at, read_score, wait_for
 from tests.support.watcher import Watcher
 
 pytestmark = pytest.mark.root
@@ -53,14 +53,6 @@ def log_lines(watcher: Watcher, needle: str) -> list[str]:
 
 def wait_score(pid: int, score: int, timeout_s: float = 10) -> None:
     wait_for(lambda: read_score(pid) == score, timeout_s, what=f"pid {pid} at {score}")
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
 
 
 def backend_score(cluster: Cluster) -> int:

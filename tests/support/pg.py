@@ -299,14 +299,14 @@ class Cluster:
 
     def stop(self) -> None:
         pm = self.pidfile_pid()
-        if (pm is None or not _alive(pm)) and self.proc is not None and self.proc.poll() is None:
+        if (pm is None or not alive(pm)) and self.proc is not None and self.proc.poll() is None:
             pm = self.proc.pid  # stopped before it wrote postmaster.pid: the process we started
-        if pm is not None and _alive(pm):
+        if pm is not None and alive(pm):
             try:
                 os.kill(pm, signal.SIGQUIT)  # immediate shutdown; our own process
             except ProcessLookupError:
                 pass
-            wait_for(lambda: not _alive(pm), 30, 0.05, what="postmaster to stop")
+            wait_for(lambda: not alive(pm), 30, 0.05, what="postmaster to stop")
         if self.proc is not None:
             try:
                 self.proc.wait(timeout=10)
@@ -320,9 +320,10 @@ class Cluster:
         shutil.rmtree(self.socket_dir, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie (nor dead)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
