@@ -42,7 +42,7 @@ def build_engine(settings: Settings) -> Engine:
 
 def use_realtime_priority() -> None:
     """SCHED_FIFO at the lowest real-time priority. Measured on 2 CPUs (docs/benchmarks.md):
-    exec -> protected p99 4.8 ms at nice 0 and 4.6 ms at nice -10, 1.4 ms at SCHED_FIFO,
+    exec -> protected p99 4.0 ms at nice 0 (4.6 ms at nice -10), 0.84-1.01 ms at SCHED_FIFO,
     because a starting postmaster and its launcher compete for the CPUs the watcher needs.
     The watcher blocks in the kernel between events, and the kernel's real-time throttling
     leaves other tasks their share even in a fork storm. Refused (no CAP_SYS_NICE, a
