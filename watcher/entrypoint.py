@@ -26,6 +26,13 @@ import sys
 
 from watcher.errors import EXIT_CANNOT_EXECUTE, EXIT_COMMAND_NOT_FOUND, EXIT_DENIED, EXIT_USAGE
 from watcher.privileges import Account, PrivilegeError, resolve_user, switch_user, user_environment
+from watcher.relative import (
+    DEFAULT_RELATIVE_SCORE,
+    RelativeUsage,
+    children_value,
+    parse_relative_score,
+    read_own_score,
+)
 
 DEFAULT_USER = "26"  # the Percona image's postgres
 DEFAULT_SCORE = -900  # the seed's target; the same default as `pgoom watch`
@@ -35,8 +42,8 @@ SCORE_RANGE = range(-1000, 1001)
 WRAPPED_ENV = "PGOOM_WRAPPED"
 
 USAGE = """\
-usage: pgoom exec [--user U] [--score N] [--children-score N] [--data-dir D] [--no-watch]
-                  [--] CMD [ARGS...]
+usage: pgoom exec [--user U] [--score N] [--children-score N] [--relative-score N|off]
+                  [--data-dir D] [--no-watch] [--] CMD [ARGS...]
 
 Lower the oom_score_adj of everything CMD starts, export PG_OOM_ADJUST_FILE/VALUE, start
 the monitor (`pgoom watch`), switch to the user and exec CMD (it keeps this PID).
@@ -45,6 +52,9 @@ the monitor (`pgoom watch`), switch to the user and exec CMD (it keeps this PID)
   --score N           oom_score_adj for CMD and the postmaster (env PGOOM_SCORE; -900)
   --children-score N  PG_OOM_ADJUST_VALUE, the postmaster's children's score; also given to
                       the monitor when set (env PGOOM_CHILDREN_SCORE; default 0)
+  --relative-score N  when our score cannot be lowered to --score: the children's value
+                      instead, above the postmaster's score (env PGOOM_RELATIVE_SCORE;
+                      default 1000; off: never)
   --data-dir D        data directory for the monitor (env PGOOM_DATA_DIR, else PGDATA)
   --no-watch          do not start the monitor (env PGOOM_NO_WATCH=1)
 
@@ -66,6 +76,7 @@ class Options:
         self.score = DEFAULT_SCORE
         self.children_score = DEFAULT_CHILDREN_SCORE
         self.children_score_given = False
+        self.relative_score: int | None = DEFAULT_RELATIVE_SCORE
         self.data_dirs: list[str] = []
         self.watch = True
         self.command: list[str] = []
@@ -86,6 +97,13 @@ def _score(text: str, option: str) -> int:
     return value
 
 
+def _relative(text: str, option: str) -> int | None:
+    try:
+        return parse_relative_score(text, option)
+    except RelativeUsage as err:
+        raise Usage(str(err)) from None
+
+
 def parse_args(argv: list[str], env: dict[str, str]) -> Options:
     """Options up to `--` or the first word that is not one (CMD may have options of its
     own); the environment gives the defaults, the command line wins."""
@@ -96,6 +114,8 @@ def parse_args(argv: list[str], env: dict[str, str]) -> Options:
     if env.get("PGOOM_CHILDREN_SCORE"):
         opts.children_score = _score(env["PGOOM_CHILDREN_SCORE"], "PGOOM_CHILDREN_SCORE")
         opts.children_score_given = True
+    if env.get("PGOOM_RELATIVE_SCORE"):
+        opts.relative_score = _relative(env["PGOOM_RELATIVE_SCORE"], "PGOOM_RELATIVE_SCORE")
     opts.data_dirs = [d for d in env.get("PGOOM_DATA_DIR", "").split(":") if d]
     opts.watch = env.get("PGOOM_NO_WATCH", "").lower() not in ("1", "true", "yes")
     cli_dirs: list[str] = []
@@ -114,7 +134,7 @@ def parse_args(argv: list[str], env: dict[str, str]) -> Options:
             opts.watch = False
             index += 1
             continue
-        if name not in ("--user", "--score", "--children-score", "--data-dir"):
+        if name not in ("--user", "--score", "--children-score", "--relative-score", "--data-dir"):
             raise Usage(f"unknown option {name}: see pgoom exec --help")
         if not has_value:
             if index + 1 >= len(argv):
@@ -128,6 +148,8 @@ def parse_args(argv: list[str], env: dict[str, str]) -> Options:
         elif name == "--children-score":
             opts.children_score = _score(value, name)
             opts.children_score_given = True
+        elif name == "--relative-score":
+            opts.relative_score = _relative(value, name)
         else:
             cli_dirs.append(value)
         index += 1
@@ -247,7 +269,14 @@ def main(argv: list[str]) -> int:
             "no monitor, no user switch; protect the postmaster from a sidecar or run the "
             "container as root with CAP_SYS_RESOURCE (docs/container.md)\n"
         )
-    export_oom_env(opts.children_score)
+    children = opts.children_score
+    if "PG_OOM_ADJUST_VALUE" not in os.environ:  # the operator's own value wins, as ever
+        why = f"lowering to {opts.score} was refused" if is_root else "not root"
+        own = read_own_score()
+        children, line = children_value(own, opts.score, children, opts.relative_score, why)
+        if line:
+            sys.stderr.write(line + "\n")
+    export_oom_env(children)
     if is_root and opts.watch:
         try:
             start_monitor(opts)
