@@ -29,9 +29,11 @@ ARG PYTHON_VERSION=3.9
 COPY pyproject.toml README.md /src/
 COPY watcher /src/watcher
 COPY docker/fetch-wheels.sh docker/unpack-wheels.py /build/
-RUN --mount=type=secret,id=ca,required=false \
-    sh /build/fetch-wheels.sh /src /wheels "${TARGETARCH}" "${PYTHON_VERSION}" \
-    && python3 -I /build/unpack-wheels.py /wheels /opt/pgoom/lib
+# Under /tmp: the stage runs as whichever user PIP_IMAGE names. COPY --from below gives the
+# files to root whoever wrote them here.
+RUN --mount=type=secret,id=ca,required=false,mode=0444 \
+    sh /build/fetch-wheels.sh /src /tmp/wheels "${TARGETARCH}" "${PYTHON_VERSION}" \
+    && python3 -I /build/unpack-wheels.py /tmp/wheels /tmp/pgoom-lib
 
 FROM ${BASE_IMAGE}
 # The data directory the monitor watches (inotify) is /pgdata/pg<major> in Percona images.
@@ -40,7 +42,7 @@ ARG PATRONI=/usr/bin/patroni
 ARG BASE_ENTRYPOINT=/opt/crunchy/bin/postgres-ha/bootstrap-postgres-ha.sh
 LABEL org.opencontainers.image.title="pgoom on Percona PostgreSQL" \
       org.opencontainers.image.description="Keeps the PostgreSQL postmaster out of the OOM killer's reach"
-COPY --from=wheels /opt/pgoom/lib /opt/pgoom/lib
+COPY --from=wheels /tmp/pgoom-lib /opt/pgoom/lib
 COPY docker/patroni /opt/pgoom/shim/patroni
 COPY docker/base-entrypoint /opt/pgoom/bin/base-entrypoint
 COPY docker/finish.py /opt/pgoom/finish.py

@@ -37,7 +37,7 @@ cd "$(dirname "$0")/.."
 
 DOCKER=${DOCKER:-/usr/bin/docker} # docker.io's client matches its daemon (20.10)
 # Bump the version when the stand-in's recipe changes: cached bases are then rebuilt.
-STANDIN_VERSION=2
+STANDIN_VERSION=3
 BASE_TAG=${BASE_TAG:-pgoom-standin:bullseye-$STANDIN_VERSION}
 PIP_TAG=${PIP_TAG:-pgoom-standin:bullseye-pip-$STANDIN_VERSION}
 IMAGE_TAG=${IMAGE_TAG:-pgoom:e2e}
@@ -182,21 +182,51 @@ strip_rootfs() {
   ! chroot "$root" python3 -m ensurepip --version >/dev/null 2>&1 || fail "ensurepip still in the stand-in"
 }
 
-# import_rootfs ROOT TAG ARCH: the image, with the Percona base's metadata.
+# import_rootfs ROOT TAG ARCH: the image, with the Percona base's metadata. Written as a
+# `docker save` archive and loaded: `docker import --platform` is ignored by a dockerd
+# without experimental features, and an arm64 base recorded as amd64 is not found by an
+# arm64 build (BuildKit then asks Docker Hub).
 import_rootfs() {
-  local root=$1 tag=$2 arch=$3 config
+  local root=$1 tag=$2 arch=$3 dir=$WORK/image-$3
+  rm -rf "$dir"
+  mkdir -p "$dir"
+  tar -C "$root" --numeric-owner -c . >"$dir/layer.tar"
   # A plain `docker run` has no /etc/patroni argument: Patroni then reads
-  # PATRONI_CONFIGURATION. JSON is YAML; quoted for the Dockerfile ENV syntax.
-  config=$(.venv/bin/python -c 'import json, sys, yaml
-s = json.dumps(yaml.safe_load(open(sys.argv[1])), separators=(",", ":"))
-print(json.dumps(s))' docker/standin/patroni.yml)
-  tar -C "$root" -c . | "$DOCKER" import --platform "linux/$arch" \
-    --change "ENV PATH=/usr/lib/postgresql/$PG_MAJOR/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
-    --change "ENV PATRONI_CONFIGURATION=$config" \
-    --change 'USER 26' \
-    --change 'ENTRYPOINT ["/opt/crunchy/bin/postgres-ha/bootstrap-postgres-ha.sh"]' \
-    --change 'CMD ["/usr/bin/patroni"]' \
-    - "$tag" >/dev/null
+  # PATRONI_CONFIGURATION (JSON is YAML).
+  .venv/bin/python - "$dir" "$tag" "$arch" "$PG_MAJOR" docker/standin/patroni.yml <<'PY'
+import hashlib, json, os, sys
+import yaml
+
+out, tag, arch, pg_major, patroni_yml = sys.argv[1:]
+digest = hashlib.sha256()
+with open(os.path.join(out, "layer.tar"), "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
+patroni = json.dumps(yaml.safe_load(open(patroni_yml)), separators=(",", ":"))
+config = {
+    "architecture": arch,
+    "os": "linux",
+    "config": {
+        "Env": [
+            f"PATH=/usr/lib/postgresql/{pg_major}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            f"PATRONI_CONFIGURATION={patroni}",
+        ],
+        "User": "26",
+        "Entrypoint": ["/opt/crunchy/bin/postgres-ha/bootstrap-postgres-ha.sh"],
+        "Cmd": ["/usr/bin/patroni"],
+    },
+    "rootfs": {"type": "layers", "diff_ids": [f"sha256:{digest.hexdigest()}"]},
+    "history": [{"created_by": "scripts/docker-e2e.sh: Percona stand-in"}],
+}
+raw = json.dumps(config).encode()
+name = hashlib.sha256(raw).hexdigest() + ".json"
+with open(os.path.join(out, name), "wb") as f:
+    f.write(raw)
+with open(os.path.join(out, "manifest.json"), "w") as f:
+    json.dump([{"Config": name, "RepoTags": [tag], "Layers": ["layer.tar"]}], f)
+PY
+  tar -C "$dir" -c . | "$DOCKER" load >/dev/null
+  rm -rf "$dir"
 }
 
 build_standin() { # ARCH TAG
