@@ -18,18 +18,11 @@ from loguru import logger
 
 from watcher.adjust import Adjuster, Outcome, Result
 from watcher.config import Settings
+from watcher.discover import Finding, discover, judge
 from watcher.errors import AccessDenied, ProcessGone
-from watcher.identity import inspect
-from watcher.match import (
-    Facts,
-    Rule,
-    cmdline_text,
-    confirm,
-    might_be_postmaster,
-)
+from watcher.match import Facts, Rule, cmdline_text, might_be_postmaster
 from watcher.parse import Stat
 from watcher.procfs import ProcFS
-from watcher.scan import PATTERN, candidates
 from watcher.sources.base import Event, Examine, Forked, Rescan, Source
 
 Listener = Callable[[str, dict[str, Any]], None]
@@ -156,27 +149,14 @@ class Engine:
             return None
         if might_be_postmaster(argv, self.settings.rules) is None:
             return None
-        return self._inspect_and_protect(pid, argv, ts_ns, PATTERN)
+        finding = judge(self.procfs, pid, argv, self.settings.rules)
+        return None if finding is None else self._protect(finding, ts_ns)
 
-    def _inspect_and_protect(
-        self, pid: int, argv: list[str], ts_ns: int, method: str
-    ) -> Optional[Result]:
-        try:
-            facts = inspect(self.procfs, pid, argv=argv)
-        except (ProcessGone, AccessDenied) as err:
-            logger.debug("pid {} vanished before it could be examined: {}", pid, err)
-            return None
-        return self._protect_if_postmaster(facts, ts_ns, method=method)
-
-    def _protect_if_postmaster(self, facts: Facts, ts_ns: int, method: str) -> Optional[Result]:
-        pid, start = facts.pid, facts.stat.starttime_ticks
-        text = cmdline_text(facts.argv)
-        rule = next((r for r in self.settings.rules if r.matches(text, facts.data_dir)), None)
-        if rule is None and method != PATTERN:
-            rule = self.settings.rules[0]
+    def _protect(self, finding: Finding, ts_ns: int) -> Optional[Result]:
+        rule, facts, verdict = finding.rule, finding.facts, finding.verdict
         if rule is None:
             return None
-        verdict = confirm(facts)
+        pid, start = facts.pid, facts.stat.starttime_ticks
         if not verdict.ok:
             self._once(
                 pid,
@@ -185,13 +165,13 @@ class Engine:
                 "info",
                 "not protecting pid {} ({}): {}",
                 pid,
-                text[:120],
+                cmdline_text(facts.argv)[:120],
                 verdict.reason,
             )
             return None
         result = self.adjuster.set_score(pid, start, rule.score, only_lower=True)
         latency_us = (time.monotonic_ns() - ts_ns) // 1000 if ts_ns else None
-        self._record(facts, rule, result, latency_us, method)
+        self._record(facts, rule, result, latency_us, finding.method)
         return result
 
     def _record(
@@ -305,11 +285,12 @@ class Engine:
     # --- scanning and verifying ------------------------------------------------------------
 
     def scan(self, reason: str) -> None:
-        """Examine every process a rule may cover; the seed's fallbacks (b) and (c) only
-        when no rule's first look matched anything (watcher.scan)."""
+        """Examine every process a rule may cover; the fallbacks (the parent of other
+        postgres processes, else the only one) only when no rule's first look matched
+        anything (watcher.discover)."""
         logger.debug("scanning /proc ({})", reason)
-        for found in candidates(self.procfs, self.settings.rules, self.settings.fallback):
-            self._inspect_and_protect(found.pid, found.argv, 0, found.method)
+        for finding in discover(self.procfs, self.settings.rules, self.settings.fallback):
+            self._protect(finding, 0)
 
     def verify(self, full_scan: bool = False) -> None:
         """Drift repair: a runtime or an operator may reset a protected postmaster's score.

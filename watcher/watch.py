@@ -10,13 +10,11 @@ from loguru import logger
 
 from watcher import sdnotify
 from watcher.config import Settings
+from watcher.discover import discover
 from watcher.engine import Engine
-from watcher.errors import AccessDenied, PgoomError, ProcessGone
-from watcher.identity import inspect
+from watcher.errors import PgoomError
 from watcher.logs import setup_logging
-from watcher.match import confirm
 from watcher.procfs import ProcFS
-from watcher.scan import candidates
 from watcher.sources.select import open_source
 
 
@@ -24,13 +22,10 @@ def discover_data_dirs(settings: Settings, procfs: ProcFS) -> list[str]:
     """Data directories of verified postmasters running now (for inotify without
     --data-dir)."""
     found: list[str] = []
-    for candidate in candidates(procfs, settings.rules, fallback=False):
-        try:
-            facts = inspect(procfs, candidate.pid, argv=candidate.argv)
-        except (ProcessGone, AccessDenied):
-            continue
-        if confirm(facts).ok and facts.data_dir and facts.data_dir not in found:
-            found.append(facts.data_dir)
+    for finding in discover(procfs, settings.rules, fallback=False):
+        data_dir = finding.facts.data_dir
+        if finding.protectable and data_dir and data_dir not in found:
+            found.append(data_dir)
     return found
 
 

@@ -104,6 +104,17 @@ def test_status_json_roles_and_protection(running: tuple[Cluster, int, int]) -> 
     assert status_rows()[pm]["protected"] is False
 
 
+def test_status_pattern_decides_which_postmasters_are_judged(
+    running: tuple[Cluster, int, int],
+) -> None:
+    cluster, pm, _ = running
+    row = status_rows("--score", "0", "--pattern", "no-such-cluster")[pm]
+    assert row["role"] == "postmaster"
+    assert row["protected"] is None and row["note"] == "no --pattern covers it"
+    row = status_rows("--score", "0", "--pattern", re.escape(cluster.data_dir))[pm]
+    assert row["protected"] is (row["oom_score_adj"] == 0)
+
+
 def test_status_table(running: tuple[Cluster, int, int]) -> None:
     _, pm, backend = running
     done = pgoom("status", "--score", "0")
