@@ -511,7 +511,7 @@ def rss_breakdown() -> None:
         "typer",
         "watcher.cli",
         "watcher.engine",
-        "watcher.watch",
+        "watcher.commands.watch",
         "watcher.sources.netlink",
     ]
     out = subprocess.run(

@@ -166,8 +166,8 @@ def watch(
     ] = None,
 ) -> None:
     """Protect postmasters as they start, and keep them protected."""
+    from watcher.commands.watch import run_watch
     from watcher.config_file import resolve
-    from watcher.watch import run_watch
 
     try:
         resolved = resolve(watch_params(ctx), explicit_params(ctx))
@@ -203,7 +203,7 @@ def adjust(
     force: Annotated[bool, typer.Option("--force", help="Skip the identity checks.")] = False,
 ) -> None:
     """Set one process's oom_score_adj once (like choom), after the identity checks."""
-    from watcher.oneshot import adjust_once
+    from watcher.commands.adjust import adjust_once
 
     try:
         typer.echo(adjust_once(pid, score, force))
@@ -218,7 +218,7 @@ def status(
     score: Score = DEFAULT_SCORE,
 ) -> None:
     """Show postgres processes, their roles and scores, and whether postmasters are protected."""
-    from watcher.status import render, snapshot
+    from watcher.commands.status import render, snapshot
 
     try:
         rows = snapshot(_env_list(pattern, "PGOOM_PATTERN", "\n"), score)
@@ -233,7 +233,7 @@ def doctor(
     score: Score = DEFAULT_SCORE,
 ) -> None:
     """Check this host or container: kernel, namespaces, capabilities, floors, cgroups."""
-    from watcher.doctor import render, run_checks, worst_exit_code
+    from watcher.commands.doctor import render, run_checks, worst_exit_code
 
     results = run_checks(score)
     typer.echo(render(results, json_output))
@@ -254,7 +254,7 @@ def verify(
     json_output: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
 ) -> None:
     """Exit 0 when every postmaster is at or below --score within --timeout."""
-    from watcher.verify import verify_postmasters
+    from watcher.commands.verify import verify_postmasters
 
     try:
         code, text = verify_postmasters(
@@ -277,7 +277,7 @@ def verify(
 def exec_(ctx: typer.Context) -> None:
     """Container entrypoint: pgoom exec [--user U] [--score N] [--children-score N]
     [--no-watch] -- CMD [ARGS...]. (Dispatched before this parser; see watcher.main.)"""
-    from watcher.entrypoint import main as exec_main
+    from watcher.exec.entrypoint import main as exec_main
 
     raise typer.Exit(exec_main(list(ctx.args)))
 

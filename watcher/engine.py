@@ -110,7 +110,7 @@ class Engine:
                     self.handle(self.source.read())
                     next_source = self._deadline(self.source.timeout_s())
                 if now >= next_verify:
-                    self.verify(full_scan=not event_driven)
+                    self.repair_drift(full_scan=not event_driven)
                     next_verify = now + self.settings.verify_interval_s
                 if self._scan_children and now >= next_children:
                     self.adjust_children()
@@ -158,7 +158,7 @@ class Engine:
             return None
         pid, start = facts.pid, facts.stat.starttime_ticks
         if not verdict.ok:
-            self._once(
+            self._log_once(
                 pid,
                 start,
                 verdict.reason,
@@ -211,7 +211,7 @@ class Engine:
             )
             self._emit("adjusted", **fields)
         elif result.outcome is Outcome.DRY_RUN:
-            self._once(
+            self._log_once(
                 pid,
                 start,
                 "dry-run",
@@ -223,7 +223,7 @@ class Engine:
                 rule.score,
             )
         elif result.outcome is Outcome.UNCHANGED:
-            self._once(
+            self._log_once(
                 pid,
                 start,
                 "unchanged",
@@ -237,7 +237,7 @@ class Engine:
         elif result.outcome is Outcome.DENIED:
             self.counters.failures["denied"] = self.counters.failures.get("denied", 0) + 1
             self._emit("failed", reason="denied", pid=pid, data_dir=facts.data_dir)
-            self._once(pid, start, "denied", "error", "{}", result.reason)
+            self._log_once(pid, start, "denied", "error", "{}", result.reason)
 
     def forked(self, event: Forked) -> None:
         parent = self.protected.get(event.parent)
@@ -266,7 +266,7 @@ class Engine:
                 result.new,
             )
         elif result.outcome is Outcome.DENIED:
-            self._once(child, stat.starttime_ticks, "denied", "warning", "{}", result.reason)
+            self._log_once(child, stat.starttime_ticks, "denied", "warning", "{}", result.reason)
 
     def adjust_children(self) -> None:
         """Without fork events (inotify, poll), children are found by scanning."""
@@ -292,7 +292,7 @@ class Engine:
         for finding in discover(self.procfs, self.settings.rules, self.settings.fallback):
             self._protect(finding, 0)
 
-    def verify(self, full_scan: bool = False) -> None:
+    def repair_drift(self, full_scan: bool = False) -> None:
         """Drift repair: a runtime or an operator may reset a protected postmaster's score.
         Without netlink this tick also rescans, to find postmasters no event announced."""
         for pid, known in list(self.protected.items()):
@@ -334,7 +334,9 @@ class Engine:
 
     # --- plumbing --------------------------------------------------------------------------
 
-    def _once(self, pid: int, start: int, key: str, level: str, message: str, *args: Any) -> None:
+    def _log_once(
+        self, pid: int, start: int, key: str, level: str, message: str, *args: Any
+    ) -> None:
         """Log a per-process condition once (then at debug): an EACCES must not flood."""
         marker = (pid, start, key)
         if marker in self._reported:

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from tests.support.pg import children_of, read_score
-from watcher.doctor import FAIL, PASS, WARN, run_checks
+from watcher.commands.doctor import FAIL, PASS, WARN, run_checks
 
 pytestmark = pytest.mark.root
 

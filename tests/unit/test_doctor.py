@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from watcher.doctor import (
+from watcher.commands.doctor import (
     FAIL,
     PASS,
     WARN,

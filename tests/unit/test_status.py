@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.unit.fakeproc import FakeProc, pidfile_text
+from watcher.commands.status import Row, snapshot
 from watcher.errors import UsageError
-from watcher.status import Row, snapshot
 
 ME = os.getuid()
 

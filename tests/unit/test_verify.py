@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.unit.fakeproc import FakeProc, pidfile_text
+from watcher.commands.verify import verify_postmasters
 from watcher.errors import EXIT_CHECK_FAILED, EXIT_NOT_FOUND, EXIT_OK, UsageError
-from watcher.verify import verify_postmasters
 
 ME = os.getuid()
 

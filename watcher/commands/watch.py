@@ -15,7 +15,7 @@ from watcher.engine import Engine
 from watcher.errors import PgoomError
 from watcher.logs import setup_logging
 from watcher.procfs import ProcFS
-from watcher.sources.select import open_source
+from watcher.sources.choose import open_source
 
 
 def discover_data_dirs(settings: Settings, procfs: ProcFS) -> list[str]:

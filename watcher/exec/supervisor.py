@@ -28,7 +28,7 @@ import signal
 import sys
 import time
 
-from watcher.privileges import (
+from watcher.exec.privileges import (
     MONITOR_CAPS,
     TYPE_CHECKING,
     PrivilegeError,
@@ -38,7 +38,7 @@ from watcher.privileges import (
     set_process_name,
 )
 
-if TYPE_CHECKING:  # no typing import on the start path (see watcher.privileges)
+if TYPE_CHECKING:  # no typing import on the start path (see watcher.exec.privileges)
     from typing import Optional
 
 LOCK_ENV = "PGOOM_MONITOR_LOCK"

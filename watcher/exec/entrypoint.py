@@ -25,7 +25,13 @@ import signal
 import sys
 
 from watcher.errors import EXIT_CANNOT_EXECUTE, EXIT_COMMAND_NOT_FOUND, EXIT_DENIED, EXIT_USAGE
-from watcher.privileges import Account, PrivilegeError, resolve_user, switch_user, user_environment
+from watcher.exec.privileges import (
+    Account,
+    PrivilegeError,
+    resolve_user,
+    switch_user,
+    user_environment,
+)
 
 DEFAULT_USER = "26"  # the Percona image's postgres
 DEFAULT_SCORE = -900  # the seed's target; the same default as `pgoom watch`
@@ -183,7 +189,7 @@ def export_oom_env(children_score: int) -> None:
 
 
 def start_monitor(opts: Options) -> None:
-    from watcher.monitor import launch
+    from watcher.exec.supervisor import launch
 
     args = ["watch", "--score", str(opts.score)]
     if opts.children_score_given:
