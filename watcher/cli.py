@@ -19,8 +19,8 @@ from watcher.config import (
     DEFAULT_VERIFY_INTERVAL_S,
 )
 from watcher.config_file import DEFAULT_CONFIG_PATH
-from watcher.errors import EXIT_USAGE, PgoomError
-from watcher.match import DEFAULT_SCORE
+from watcher.errors import PgoomError
+from watcher.limits import DEFAULT_SCORE, EXIT_USAGE
 
 app = typer.Typer(
     add_completion=False,

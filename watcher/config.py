@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from watcher.errors import UsageError
-from watcher.match import DEFAULT_PATTERN, DEFAULT_SCORE, Rule, validate_score
+from watcher.limits import DEFAULT_PATTERN, DEFAULT_SCORE
+from watcher.match import Rule, validate_score
 
 SOURCES = ("auto", "netlink", "inotify", "poll")
 DEFAULT_LOG_FILE = "/tmp/postgres-oom-adjuster.log"

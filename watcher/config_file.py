@@ -21,7 +21,8 @@ from typing import Any, Optional
 
 from watcher.config import SOURCES, Settings, make_settings
 from watcher.errors import UsageError
-from watcher.match import DEFAULT_SCORE, OOM_SCORE_ADJ_MAX, OOM_SCORE_ADJ_MIN, Rule
+from watcher.limits import DEFAULT_SCORE, score_problem
+from watcher.match import Rule
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -231,8 +232,9 @@ def _check_type(key: str, value: object, types: tuple[type, ...], line: int, fai
 
 
 def _check_score(key: str, value: int, line: int, fail: Any) -> None:
-    if not OOM_SCORE_ADJ_MIN <= value <= OOM_SCORE_ADJ_MAX:
-        raise fail(line, f"{key} = {value} is out of range: use a value from -1000 to 1000")
+    problem = score_problem(value)
+    if problem:
+        raise fail(line, f"{key} = {problem}")
 
 
 _HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\-\"' ]+?)\s*\]\]?\s*(?:#.*)?$")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -88,11 +89,10 @@ def capability_set(fields: dict[str, str], name: str) -> int:
     return int(fields[name], 16)
 
 
-CAP_DAC_OVERRIDE = 1
-CAP_SETGID = 6
-CAP_SETUID = 7
-CAP_SYS_PTRACE = 19
-CAP_SYS_RESOURCE = 24
+def kernel_version(release: str) -> Optional[tuple[int, int]]:
+    """(major, minor) of a release as `uname -r` prints it; None when it does not start so."""
+    found = re.match(r"(\d+)\.(\d+)", release)
+    return (int(found[1]), int(found[2])) if found else None
 
 
 def has_capability(mask: int, cap: int) -> bool:

@@ -21,7 +21,7 @@ import pytest
 
 from tests.support.pg import Cluster, read_score, wait_for
 from tests.support.watcher import Watcher
-from watcher.errors import EXIT_SOURCE_UNAVAILABLE
+from watcher.limits import EXIT_SOURCE_UNAVAILABLE
 
 pytestmark = pytest.mark.root
 

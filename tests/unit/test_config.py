@@ -13,8 +13,8 @@ from watcher.config import (
     check_data_dir,
     make_settings,
 )
-from watcher.errors import EXIT_USAGE, UsageError
-from watcher.match import DEFAULT_PATTERN, DEFAULT_SCORE
+from watcher.errors import UsageError
+from watcher.limits import DEFAULT_PATTERN, DEFAULT_SCORE, EXIT_USAGE
 
 
 def usage_error(**kwargs: object) -> str:

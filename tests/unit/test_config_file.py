@@ -15,8 +15,8 @@ from typer.main import get_command
 
 from watcher.cli import app, explicit_params, watch_params
 from watcher.config_file import Resolved, parse_config, resolve
-from watcher.errors import EXIT_USAGE, UsageError
-from watcher.match import DEFAULT_PATTERN, DEFAULT_SCORE
+from watcher.errors import UsageError
+from watcher.limits import DEFAULT_PATTERN, DEFAULT_SCORE, EXIT_USAGE
 
 
 def run_resolve(args: list[str], config: Optional[str] = None) -> Resolved:

@@ -25,7 +25,6 @@ from watcher.commands.doctor import (
     decide_swap,
     find_floor,
     has_v1_memory,
-    kernel_version,
     namespace_verdicts,
     parse_cgroup2_mount,
     parse_cgroup_v2_path,
@@ -33,7 +32,8 @@ from watcher.commands.doctor import (
     render,
     worst_exit_code,
 )
-from watcher.parse import CAP_DAC_OVERRIDE, CAP_SYS_RESOURCE
+from watcher.limits import CAP_DAC_OVERRIDE, CAP_SYS_RESOURCE
+from watcher.parse import kernel_version
 
 # CapEff/CapBnd of root on this machine kind: everything but CAP_SYS_RESOURCE (bit 24).
 FULL = (1 << 41) - 1

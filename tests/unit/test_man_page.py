@@ -1,4 +1,4 @@
-"""pgoom(1) and the reference pages stay true: every exit code in watcher/errors.py and
+"""pgoom(1) and the reference pages stay true: every exit code in watcher/limits.py and
 every `pgoom watch` option (and its PGOOM_* variable, and every config-file key) is
 documented."""
 
@@ -12,14 +12,14 @@ import pytest
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from watcher import errors
+from watcher import limits
 from watcher.cli import app
 from watcher.config_file import OPTION_TYPES, RULE_TYPES
 
 ROOT = Path(__file__).resolve().parents[2]
 EXIT_CODES = {
     name: value
-    for name, value in vars(errors).items()
+    for name, value in vars(limits).items()
     if name.startswith("EXIT_") and isinstance(value, int)
 }
 

@@ -9,8 +9,8 @@ import pytest
 
 from tests.unit.fakeproc import load
 from watcher.errors import UsageError
+from watcher.limits import DEFAULT_PATTERN
 from watcher.match import (
-    DEFAULT_PATTERN,
     Facts,
     ProcInfo,
     Rule,

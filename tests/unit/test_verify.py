@@ -12,7 +12,8 @@ import pytest
 
 from tests.unit.fakeproc import FakeProc, pidfile_text
 from watcher.commands.verify import verify_postmasters
-from watcher.errors import EXIT_CHECK_FAILED, EXIT_NOT_FOUND, EXIT_OK, UsageError
+from watcher.errors import UsageError
+from watcher.limits import EXIT_CHECK_FAILED, EXIT_NOT_FOUND, EXIT_OK
 
 ME = os.getuid()
 

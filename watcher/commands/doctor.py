@@ -17,13 +17,21 @@ from typing import Optional
 
 from loguru import logger
 
-from watcher.errors import EXIT_CHECK_FAILED, EXIT_OK, AccessDenied, PgoomError, ProcessGone
-from watcher.match import validate_score
-from watcher.parse import (
+from watcher.errors import AccessDenied, PgoomError, ProcessGone
+from watcher.limits import (
     CAP_DAC_OVERRIDE,
     CAP_SYS_RESOURCE,
+    EXIT_CHECK_FAILED,
+    EXIT_OK,
+    OOM_SCORE_ADJ_MAX,
+    OOM_SCORE_ADJ_MIN,
+    PROC_INPUT_KERNEL,
+)
+from watcher.match import validate_score
+from watcher.parse import (
     capability_set,
     has_capability,
+    kernel_version,
     parse_stat,
     status_uids,
 )
@@ -31,9 +39,6 @@ from watcher.procfs import ProcFS
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
 _RANK = {PASS: 0, WARN: 1, FAIL: 2}
-OOM_SCORE_ADJ_MIN = -1000
-OOM_SCORE_ADJ_MAX = 1000
-FILTER_KERNEL = (6, 6)  # proc connector: proc_input filtering, LISTEN without CAP_NET_ADMIN
 INIT_USER_NS_UID_MAP = ("0", "0", "4294967295")  # the identity map only init_user_ns has
 
 CAP_FIX = (
@@ -54,11 +59,6 @@ class CheckResult:
 # --- pure decisions -----------------------------------------------------------------------
 
 
-def kernel_version(release: str) -> Optional[tuple[int, int]]:
-    found = re.match(r"(\d+)\.(\d+)", release)
-    return (int(found[1]), int(found[2])) if found else None
-
-
 def decide_kernel(release: str) -> CheckResult:
     version = kernel_version(release)
     if version is None:
@@ -68,7 +68,7 @@ def decide_kernel(release: str) -> CheckResult:
             f"cannot parse kernel release {release!r}",
             "check `uname -r`; pgoom expects Linux 6.6 or later",
         )
-    if version >= FILTER_KERNEL:
+    if version >= PROC_INPUT_KERNEL:
         return CheckResult(
             "kernel",
             PASS,

@@ -22,14 +22,8 @@ from typing import Optional
 
 from watcher.config import build_rules, check_data_dir
 from watcher.discover import discover
-from watcher.errors import (
-    EXIT_CHECK_FAILED,
-    EXIT_NOT_FOUND,
-    EXIT_OK,
-    AccessDenied,
-    ProcessGone,
-    UsageError,
-)
+from watcher.errors import AccessDenied, ProcessGone, UsageError
+from watcher.limits import EXIT_CHECK_FAILED, EXIT_NOT_FOUND, EXIT_OK
 from watcher.match import Rule
 from watcher.procfs import ProcFS
 

@@ -24,7 +24,6 @@ import os
 import signal
 import sys
 
-from watcher.errors import EXIT_CANNOT_EXECUTE, EXIT_COMMAND_NOT_FOUND, EXIT_DENIED, EXIT_USAGE
 from watcher.exec.privileges import (
     Account,
     PrivilegeError,
@@ -32,11 +31,17 @@ from watcher.exec.privileges import (
     switch_user,
     user_environment,
 )
+from watcher.limits import (
+    DEFAULT_CHILDREN_SCORE,
+    DEFAULT_SCORE,
+    EXIT_CANNOT_EXECUTE,
+    EXIT_COMMAND_NOT_FOUND,
+    EXIT_DENIED,
+    EXIT_USAGE,
+    score_problem,
+)
 
 DEFAULT_USER = "26"  # the Percona image's postgres
-DEFAULT_SCORE = -900  # the seed's target; the same default as `pgoom watch`
-DEFAULT_CHILDREN_SCORE = 0  # PostgreSQL's documented PG_OOM_ADJUST_VALUE
-SCORE_RANGE = range(-1000, 1001)
 # Set for CMD: the patroni shim (docker/patroni) sees it and does not wrap a second time.
 WRAPPED_ENV = "PGOOM_WRAPPED"
 
@@ -87,8 +92,9 @@ def _score(text: str, option: str) -> int:
         value = int(text)
     except ValueError:
         raise Usage(f"{option} {text!r} is not a number: give -1000..1000") from None
-    if value not in SCORE_RANGE:
-        raise Usage(f"{option} {value} is out of range: give -1000..1000")
+    problem = score_problem(value)
+    if problem:
+        raise Usage(f"{option} {problem}")
     return value
 
 

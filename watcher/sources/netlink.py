@@ -34,7 +34,6 @@ import importlib
 import importlib.util
 import os
 import random
-import re
 import socket
 import struct
 import sys
@@ -46,6 +45,8 @@ from typing import Any, Optional, Union
 from loguru import logger
 
 from watcher.errors import SourceUnavailable
+from watcher.limits import PROC_INPUT_KERNEL
+from watcher.parse import kernel_version
 from watcher.sources.base import Event, Examine, Forked, Rescan
 
 # include/uapi/linux/connector.h, cn_proc.h
@@ -155,8 +156,8 @@ def _decode_into(data: Union[bytes, bytearray, memoryview], nbytes: int, out: li
 
 def kernel_filters_events(release: str) -> bool:
     """proc_input filtering exists since Linux 6.6 (`release` as in uname -r)."""
-    found = re.match(r"(\d+)\.(\d+)", release)
-    return found is not None and (int(found[1]), int(found[2])) >= (6, 6)
+    version = kernel_version(release)
+    return version is not None and version >= PROC_INPUT_KERNEL
 
 
 def _pyroute2_connector() -> tuple[Any, Any, Any]:
