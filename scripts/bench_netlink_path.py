@@ -25,6 +25,7 @@ sys.path.insert(0, ROOT)
 from loguru import logger  # noqa: E402
 
 import watcher.adjust  # noqa: E402
+import watcher.discover  # noqa: E402
 import watcher.engine  # noqa: E402
 import watcher.identity  # noqa: E402
 from tests.support.pg import Cluster, Template  # noqa: E402
@@ -59,7 +60,7 @@ def main() -> None:
     timed(ProcFS, "write_oom_score_adj", lambda a: "write")
     timed(watcher.identity, "is_postgres_server", lambda a: "exe-content")
     timed(watcher.identity, "read_file_text", lambda a: "postmaster.pid")
-    timed(watcher.engine, "inspect", lambda a: "INSPECT")
+    timed(watcher.discover, "inspect", lambda a: "INSPECT")
     timed(watcher.adjust.Adjuster, "set_score", lambda a: "SET_SCORE")
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     template = Template()

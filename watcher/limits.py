@@ -38,3 +38,11 @@ def score_problem(value: int) -> str:
     if OOM_SCORE_ADJ_MIN <= value <= OOM_SCORE_ADJ_MAX:
         return ""
     return f"{value} is out of range: use a value from {OOM_SCORE_ADJ_MIN} to {OOM_SCORE_ADJ_MAX}"
+
+
+def data_dir_problem(path: str) -> str:
+    """Why `path` cannot name a data directory, or ''. The path is the operator's own input
+    (an option, PGOOM_DATA_DIR, PGDATA, the config file), not another user's."""
+    if not path or not path.startswith("/"):
+        return f"{path!r} must be an absolute path, such as /pgdata/pg16"
+    return ""

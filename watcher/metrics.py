@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 
 from watcher import __version__
 from watcher.errors import UsageError
+from watcher.parse import parse_address
 
 # exec → oom_score_adj written: netlink measured p50 ~0.1 ms, inotify should stay under
 # 5 ms; the long tail goes up to the poll source's interval (30 s by default).
@@ -44,22 +45,6 @@ SOURCES = ("netlink", "inotify", "poll")
 # Source stats that mean "the kernel dropped events" (ENOBUFS on the netlink socket,
 # IN_Q_OVERFLOW on inotify), whichever name a source uses for them.
 LOST_STAT_KEYS = ("enobufs", "lost", "overflows")
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """'HOST:PORT', '[IPv6]:PORT' or ':PORT' (every interface) → (host, port)."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit() or int(port_text) > 65535:
-        raise UsageError(
-            f"--metrics-address {text!r} must be HOST:PORT, such as 127.0.0.1:9187 or [::1]:9187"
-        )
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise UsageError(
-            f"--metrics-address {text!r}: write an IPv6 address in brackets, [::1]:9187"
-        )
-    return host or "0.0.0.0", int(port_text)
 
 
 class EngineCollector(Collector):
@@ -193,7 +178,10 @@ class Metrics:
 
     def serve(self, address: str) -> tuple[str, int]:
         """Listen on `address`; returns the bound (host, port) (port 0 picks a free one)."""
-        host, port = parse_address(address)
+        try:
+            host, port = parse_address(address)
+        except ValueError as err:
+            raise UsageError(f"--metrics-address {err}") from None
         try:
             self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
         except (OSError, socket.gaierror) as err:

@@ -210,3 +210,16 @@ def conf_data_directory(text: str) -> Optional[str]:
             if value:
                 found = value
     return found
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """'HOST:PORT', '[IPv6]:PORT' or ':PORT' (every interface) -> (host, port). ValueError
+    says what is wrong, starting with the text."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"{text!r} must be HOST:PORT, such as 127.0.0.1:9187 or [::1]:9187")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{text!r}: write an IPv6 address in brackets, [::1]:9187")
+    return host or "0.0.0.0", int(port_text)

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from watcher import limits
 from watcher.cli import app
-from watcher.config_file import OPTION_TYPES, RULE_TYPES
+from watcher.options import FILE_KEYS, RULE_KEYS
 
 ROOT = Path(__file__).resolve().parents[2]
 EXIT_CODES = {
@@ -96,7 +96,7 @@ def test_every_variable_is_in_the_configuration_reference(envvar: str) -> None:
     assert f"`{envvar}`" in configuration_md(), f"add {envvar} to docs/configuration.md"
 
 
-@pytest.mark.parametrize("key", sorted({*OPTION_TYPES, *RULE_TYPES}))
+@pytest.mark.parametrize("key", sorted({*FILE_KEYS, *RULE_KEYS}))
 def test_every_config_key_is_in_the_configuration_reference(key: str) -> None:
     assert f"`{key}`" in configuration_md(), f"add the key {key} to docs/configuration.md"
 

@@ -22,9 +22,10 @@ from typing import Optional
 
 from watcher.config import build_rules, check_data_dir
 from watcher.discover import discover
-from watcher.errors import AccessDenied, ProcessGone, UsageError
+from watcher.errors import AccessDenied, ProcessGone
 from watcher.limits import EXIT_CHECK_FAILED, EXIT_NOT_FOUND, EXIT_OK
 from watcher.match import Rule
+from watcher.options import VERIFY_TIMEOUT
 from watcher.procfs import ProcFS
 
 # Short enough that a probe with a 1 s timeout still gets several looks; long enough that a
@@ -80,8 +81,7 @@ def verify_postmasters(
 
     A timeout of 0 looks exactly once. Success needs at least one postmaster: a probe that
     passes while PostgreSQL is not running would hide the failure it exists to catch."""
-    if timeout_s < 0:
-        raise UsageError(f"--timeout {timeout_s:g} must be 0 or more seconds")
+    VERIFY_TIMEOUT.validate(timeout_s)
     rules = build_rules(patterns, [check_data_dir(d) for d in data_dirs], score, None)
     # As in `pgoom watch`: the fallbacks guess, so only with the default pattern.
     fallback = not (patterns or data_dirs)

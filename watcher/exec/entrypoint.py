@@ -38,6 +38,7 @@ from watcher.limits import (
     EXIT_COMMAND_NOT_FOUND,
     EXIT_DENIED,
     EXIT_USAGE,
+    data_dir_problem,
     score_problem,
 )
 
@@ -148,8 +149,9 @@ def parse_args(argv: list[str], env: dict[str, str]) -> Options:
     if not opts.data_dirs and env.get("PGDATA"):
         opts.data_dirs = [env["PGDATA"]]
     for path in opts.data_dirs:
-        if not path.startswith("/"):
-            raise Usage(f"--data-dir {path!r} must be an absolute path, such as /pgdata/pg16")
+        problem = data_dir_problem(path)
+        if problem:
+            raise Usage(f"--data-dir {problem}")
     opts.command = argv[index:]
     if not opts.command:
         raise Usage("no command given: pgoom exec [OPTIONS] -- CMD [ARGS...]")
