@@ -223,3 +223,16 @@ def parse_address(text: str) -> tuple[str, int]:
     elif ":" in host:
         raise ValueError(f"{text!r}: write an IPv6 address in brackets, [::1]:9187")
     return host or "0.0.0.0", int(port_text)
+
+
+def parse_meminfo(text: str) -> dict[str, int]:
+    """/proc/meminfo values in kB."""
+    values: dict[str, int] = {}
+    for line in text.splitlines():
+        key, sep, rest = line.partition(":")
+        if sep and rest.split():
+            try:
+                values[key] = int(rest.split()[0])
+            except ValueError:
+                continue
+    return values

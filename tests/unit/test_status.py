@@ -64,3 +64,10 @@ def test_a_pattern_that_names_nothing_judges_nothing(tree: FakeProc) -> None:
 def test_bad_options_are_usage_errors(tree: FakeProc, patterns: list[str], score: int) -> None:
     with pytest.raises(UsageError):
         snapshot(patterns, score, tree.procfs)
+
+
+def test_rss_comes_from_the_same_proc_root(tree: FakeProc) -> None:
+    # Read through ProcFS (VmRSS of the fake tree), not psutil's global /proc: a fake PID
+    # must never report the memory of whatever real process has that number.
+    pid = postmaster(tree, "postmaster", adj=-900)
+    assert by_pid(snapshot([], -900, tree.procfs))[pid].rss_kib == 22192

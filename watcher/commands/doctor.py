@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from typing import Optional
 
 from loguru import logger
@@ -28,10 +28,12 @@ from watcher.limits import (
     PROC_INPUT_KERNEL,
 )
 from watcher.match import validate_score
+from watcher.memcg import CgroupView
 from watcher.parse import (
     capability_set,
     has_capability,
     kernel_version,
+    parse_meminfo,
     parse_stat,
     status_uids,
 )
@@ -296,49 +298,6 @@ def decide_own_score(own: int, floor: int, score: int) -> CheckResult:
     )
 
 
-def parse_cgroup_v2_path(text: str) -> Optional[str]:
-    """The unified-hierarchy path ('0::/path') from /proc/<pid>/cgroup."""
-    for line in text.splitlines():
-        if line.startswith("0::"):
-            return line[3:] or "/"
-    return None
-
-
-def has_v1_memory(text: str) -> bool:
-    for line in text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) == 3 and parts[0] != "0" and "memory" in parts[1].split(","):
-            return True
-    return False
-
-
-def parse_cgroup2_mount(mountinfo: str) -> Optional[tuple[str, str]]:
-    """(root inside the hierarchy, mount point) of the first cgroup2 mount."""
-    for line in mountinfo.splitlines():
-        left, sep, right = line.partition(" - ")
-        if not sep or not right.startswith("cgroup2 "):
-            continue
-        fields = left.split()
-        if len(fields) >= 5:
-            return _unescape(fields[3]), _unescape(fields[4])
-    return None
-
-
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
-
-
-def cgroup_dir(cgroup_path: str, mount_root: str, mount_point: str) -> str:
-    """Where the cgroup `cgroup_path` appears under `mount_point` (a container's cgroup2
-    mount may start below the hierarchy's root)."""
-    rel = cgroup_path
-    if mount_root != "/" and (rel == mount_root or rel.startswith(mount_root + "/")):
-        rel = rel[len(mount_root) :]
-    rel = rel.strip("/")
-    return f"{mount_point.rstrip('/')}/{rel}" if rel else mount_point
-
-
 def decide_oom_group(
     oom_group: Optional[str], where: str, v1_memory: bool, score: int
 ) -> CheckResult:
@@ -370,19 +329,6 @@ def decide_oom_group(
         "use --score -1000 (needs CAP_SYS_RESOURCE), or turn group kill off (kubelet "
         "singleProcessOOMKill: true, Kubernetes 1.32+; or write 0 to memory.oom.group)",
     )
-
-
-def parse_meminfo(text: str) -> dict[str, int]:
-    """/proc/meminfo values in kB."""
-    values: dict[str, int] = {}
-    for line in text.splitlines():
-        key, sep, rest = line.partition(":")
-        if sep and rest.split():
-            try:
-                values[key] = int(rest.split()[0])
-            except ValueError:
-                continue
-    return values
 
 
 def decide_overcommit(mode: int, ratio: Optional[int]) -> CheckResult:
@@ -432,11 +378,10 @@ def decide_swap(meminfo: dict[str, int], overcommit_mode: Optional[int]) -> Chec
 # --- gathering --------------------------------------------------------------------------
 
 
-def _text(path: str) -> Optional[str]:
+def _system_text(procfs: ProcFS, name: str) -> Optional[str]:
     try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            return handle.read()
-    except OSError:
+        return procfs.read_system(name)
+    except (ProcessGone, AccessDenied, OSError):
         return None
 
 
@@ -506,8 +451,9 @@ def probe_floor(procfs: ProcFS) -> int:
         os.waitpid(child, 0)
 
 
-def _check_netlink(acked: list[bool]) -> CheckResult:
-    """Subscribe for real (watcher.sources.netlink requires the ack) and unsubscribe."""
+def _check_netlink() -> tuple[CheckResult, bool]:
+    """Subscribe for real (watcher.sources.netlink requires the ack) and unsubscribe:
+    (the verdict, whether the kernel acknowledged)."""
     from watcher.sources.netlink import NetlinkSource
 
     # A small buffer: this subscription lives for a moment and reads nothing.
@@ -515,11 +461,10 @@ def _check_netlink(acked: list[bool]) -> CheckResult:
     try:
         source.open()
     except PgoomError as err:
-        return decide_netlink(str(err), False)
+        return decide_netlink(str(err), False), False
     finally:
         source.close()
-    acked.append(True)
-    return decide_netlink(None, source.filtered)
+    return decide_netlink(None, source.filtered), True
 
 
 def _check_inotify() -> CheckResult:
@@ -533,76 +478,88 @@ def _check_inotify() -> CheckResult:
     return decide_inotify(None)
 
 
-def _check_oom_group(procfs: ProcFS, score: int) -> CheckResult:
-    me = os.getpid()
-    cgroups = procfs.read_text(me, "cgroup")
-    v1_memory = has_v1_memory(cgroups)
-    path = parse_cgroup_v2_path(cgroups)
-    mount = parse_cgroup2_mount(procfs.read_text(me, "mountinfo"))
-    if path is None or mount is None:
-        return decide_oom_group(None, "this process", v1_memory, score)
-    directory = cgroup_dir(path, *mount)
-    return decide_oom_group(_text(f"{directory}/memory.oom.group"), directory, v1_memory, score)
+def _check_oom_group(procfs: ProcFS, score: int, view: Optional[CgroupView] = None) -> CheckResult:
+    """memory.oom.group of this process's own memory cgroup (watcher.memcg reads it)."""
+    view = view or CgroupView(procfs)
+    cgroup = view.locate(os.getpid())
+    if cgroup is None or cgroup.version == 1 or cgroup.directory is None:
+        v1 = cgroup is not None and cgroup.version == 1
+        return decide_oom_group(None, "this process", v1, score)
+    state = view.state(cgroup)
+    flag = None if state is None or state.oom_group is None else ("1" if state.oom_group else "0")
+    return decide_oom_group(flag, cgroup.directory, False, score)
+
+
+class _Host:
+    """What several checks share, each gathered once on first use: no check depends on
+    another having run first."""
+
+    def __init__(self, procfs: ProcFS) -> None:
+        self.procfs = procfs
+        status = procfs.status(os.getpid())
+        self.effective = capability_set(status, "CapEff")
+        self.bounding = capability_set(status, "CapBnd")
+        self.euid = status_uids(status)[1]
+
+    @cached_property
+    def netlink(self) -> tuple[CheckResult, bool]:
+        return _check_netlink()
+
+    @cached_property
+    def namespaces(self) -> NamespaceFacts:
+        # Only the initial namespaces get the proc connector's ack: evidence for that check.
+        return gather_namespaces(self.procfs, netlink_acked=self.netlink[1])
+
+    @cached_property
+    def floor(self) -> int:
+        return probe_floor(self.procfs)
+
+    @cached_property
+    def overcommit_mode(self) -> Optional[int]:
+        text = _system_text(self.procfs, "sys/vm/overcommit_memory")
+        return int(text) if text is not None and text.strip().isdigit() else None
+
+    def overcommit(self) -> CheckResult:
+        mode = self.overcommit_mode
+        if mode is None:
+            return CheckResult(
+                "vm.overcommit_memory", WARN, "cannot read /proc/sys/vm/overcommit_memory"
+            )
+        ratio_text = _system_text(self.procfs, "sys/vm/overcommit_ratio")
+        ratio = int(ratio_text) if ratio_text and ratio_text.strip().isdigit() else None
+        return decide_overcommit(mode, ratio)
+
+    def swap(self) -> CheckResult:
+        meminfo = parse_meminfo(_system_text(self.procfs, "meminfo") or "")
+        return decide_swap(meminfo, self.overcommit_mode)
 
 
 def run_checks(score: int, proc_root: str = "/proc") -> list[CheckResult]:
     """Run every check against target `score`. Raises UsageError for a score out of range."""
     validate_score(score)
     procfs = ProcFS(proc_root)
+    host = _Host(procfs)
     me = os.getpid()
-    status = procfs.status(me)
-    effective = capability_set(status, "CapEff")
-    bounding = capability_set(status, "CapBnd")
-    euid = status_uids(status)[1]
-    floor_cache: list[int] = []
-    acked: list[bool] = []
-    namespaces: list[NamespaceFacts] = []
-
-    def ns_facts() -> NamespaceFacts:
-        if not namespaces:
-            namespaces.append(gather_namespaces(procfs, bool(acked)))
-        return namespaces[0]
-
-    def floor() -> int:
-        if not floor_cache:
-            floor_cache.append(probe_floor(procfs))
-        return floor_cache[0]
-
-    def overcommit_mode() -> Optional[int]:
-        text = _text(f"{proc_root}/sys/vm/overcommit_memory")
-        return int(text) if text is not None and text.strip().isdigit() else None
-
-    def overcommit() -> CheckResult:
-        mode = overcommit_mode()
-        if mode is None:
-            return CheckResult(
-                "vm.overcommit_memory", WARN, "cannot read /proc/sys/vm/overcommit_memory"
-            )
-        ratio_text = _text(f"{proc_root}/sys/vm/overcommit_ratio")
-        ratio = int(ratio_text) if ratio_text and ratio_text.strip().isdigit() else None
-        return decide_overcommit(mode, ratio)
-
     checks: list[tuple[str, Callable[[], CheckResult]]] = [
         ("kernel", lambda: decide_kernel(os.uname().release)),
-        ("netlink", lambda: _check_netlink(acked)),
+        ("netlink", lambda: host.netlink[0]),
         ("inotify", _check_inotify),
-        ("namespaces", lambda: decide_namespaces(ns_facts())),
+        ("namespaces", lambda: decide_namespaces(host.namespaces)),
         (
             "cap_sys_resource",
             lambda: decide_cap_sys_resource(
-                effective, bounding, score, floor(), namespace_verdicts(ns_facts())["user"]
+                host.effective,
+                host.bounding,
+                score,
+                host.floor,
+                namespace_verdicts(host.namespaces)["user"],
             ),
         ),
-        ("cap_dac_override", lambda: decide_cap_dac_override(effective, euid)),
-        ("oom_score_adj", lambda: decide_own_score(procfs.oom_score_adj(me), floor(), score)),
+        ("cap_dac_override", lambda: decide_cap_dac_override(host.effective, host.euid)),
+        ("oom_score_adj", lambda: decide_own_score(procfs.oom_score_adj(me), host.floor, score)),
         ("memory.oom.group", lambda: _check_oom_group(procfs, score)),
-        ("vm.overcommit_memory", overcommit),
-        (
-            "swap",
-            lambda: decide_swap(
-                parse_meminfo(_text(f"{proc_root}/meminfo") or ""), overcommit_mode()
-            ),
-        ),
+        ("vm.overcommit_memory", host.overcommit),
+        ("swap", host.swap),
     ]
     results = []
     # The sources log at debug level while they open; the doctor's output is its report.

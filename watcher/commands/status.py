@@ -6,8 +6,6 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-import psutil
-
 from watcher.config import build_rules
 from watcher.discover import PATTERN, Finding, discover
 from watcher.errors import AccessDenied, ProcessGone
@@ -67,8 +65,8 @@ def snapshot(patterns: list[str], score: int, procfs: Optional[ProcFS] = None) -
         except (ProcessGone, AccessDenied):
             adj = oom = None
         try:
-            rss: Optional[int] = psutil.Process(info.pid).memory_info().rss // 1024
-        except (psutil.Error, OSError):
+            rss = procfs.rss_kib(info.pid)
+        except (ProcessGone, AccessDenied):
             rss = None
         rows.append(
             Row(
