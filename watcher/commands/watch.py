@@ -79,7 +79,7 @@ def run_watch(
             logger.info("metrics on http://{}:{}/metrics", shown, port)
         engine = build_engine(settings)
         if notifier.enabled:
-            sdnotify.attach_notifier(engine, notifier)
+            engine.listeners.append(notifier)
         if metrics is not None:
             metrics.attach(engine)
         engine.run()

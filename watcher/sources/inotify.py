@@ -209,6 +209,7 @@ class _DataDir:
 
 class InotifySource:
     name = "inotify"
+    reports_forks = False
 
     def __init__(self, data_dirs: list[str], proc_root: str = "/proc") -> None:
         self.procfs = ProcFS(proc_root)

@@ -249,6 +249,7 @@ def _open_socket() -> socket.socket:
 
 class NetlinkSource:
     name = "netlink"
+    reports_forks = True
 
     def __init__(self, rcvbuf_bytes: int, ack_timeout_s: float, want_forks: bool = False) -> None:
         self.rcvbuf_bytes = rcvbuf_bytes

@@ -17,6 +17,7 @@ from watcher.sources.base import Event, Examine
 
 class PollSource:
     name = "poll"
+    reports_forks = False
 
     def __init__(self, interval_s: float, proc_root: str = "/proc") -> None:
         self.interval_s = interval_s
