@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from watcher import __version__, options
+from watcher.commands import SUMMARY
 from watcher.errors import PgoomError
 from watcher.limits import DEFAULT_SCORE, EXIT_USAGE
 from watcher.options import Option
@@ -45,7 +46,7 @@ Patterns = Annotated[Optional[list[str]], _option(options.PATTERN)]
 DataDirs = Annotated[Optional[list[str]], _option(options.DATA_DIR)]
 
 
-@app.command()
+@app.command(help=SUMMARY["watch"])
 def watch(
     ctx: typer.Context,
     source: Annotated[str, _option(options.SOURCE)] = options.SOURCE.default,
@@ -70,7 +71,6 @@ def watch(
     ] = options.METRICS_ADDRESS.default,
     config: Annotated[Optional[str], _option(options.CONFIG)] = None,
 ) -> None:
-    """Protect postmasters as they start, and keep them protected."""
     from watcher.commands.watch import run_watch
     from watcher.config_file import resolve
 
@@ -121,13 +121,12 @@ def watch_args(ctx: typer.Context) -> "WatchArgs":
     )
 
 
-@app.command()
+@app.command(help=SUMMARY["adjust"])
 def adjust(
     pid: Annotated[int, typer.Argument(help="The postmaster's PID.")],
     score: Score = DEFAULT_SCORE,
     force: Annotated[bool, typer.Option("--force", help="Skip the identity checks.")] = False,
 ) -> None:
-    """Set one process's oom_score_adj once (like choom), after the identity checks."""
     from watcher.commands.adjust import adjust_once
 
     try:
@@ -136,13 +135,12 @@ def adjust(
         _fail(err)
 
 
-@app.command()
+@app.command(help=SUMMARY["status"])
 def status(
     json_output: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
     pattern: Patterns = None,
     score: Score = DEFAULT_SCORE,
 ) -> None:
-    """Show postgres processes, their roles and scores, and whether postmasters are protected."""
     from watcher.commands.status import render, snapshot
 
     try:
@@ -152,12 +150,11 @@ def status(
     typer.echo(render(rows, json_output))
 
 
-@app.command()
+@app.command(help=SUMMARY["doctor"])
 def doctor(
     json_output: Annotated[bool, typer.Option("--json", help="JSON instead of text.")] = False,
     score: Score = DEFAULT_SCORE,
 ) -> None:
-    """Check this host or container: kernel, namespaces, capabilities, floors, cgroups."""
     from watcher.commands.doctor import render, run_checks, worst_exit_code
 
     results = run_checks(score)
@@ -165,7 +162,7 @@ def doctor(
     raise typer.Exit(worst_exit_code(results))
 
 
-@app.command()
+@app.command(help=SUMMARY["verify"])
 def verify(
     score: Score = DEFAULT_SCORE,
     pattern: Patterns = None,
@@ -173,7 +170,6 @@ def verify(
     timeout: Annotated[float, _option(options.VERIFY_TIMEOUT)] = options.VERIFY_TIMEOUT.default,
     json_output: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
 ) -> None:
-    """Exit 0 when every postmaster is at or below --score within --timeout."""
     from watcher.commands.verify import verify_postmasters
 
     try:
@@ -192,11 +188,13 @@ def verify(
 
 @app.command(
     name="exec",
+    help=SUMMARY["exec"]
+    + " Usage: pgoom exec [--user U] [--score N] [--children-score N] [--no-watch] -- CMD"
+    " [ARGS...] (parsed before typer: see watcher.main).",
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
 )
 def exec_(ctx: typer.Context) -> None:
-    """Container entrypoint: pgoom exec [--user U] [--score N] [--children-score N]
-    [--no-watch] -- CMD [ARGS...]. (Dispatched before this parser; see watcher.main.)"""
+    # Reached only through typer (e.g. --help); watcher.main dispatches `pgoom exec` first.
     from watcher.exec.entrypoint import main as exec_main
 
     raise typer.Exit(exec_main(list(ctx.args)))

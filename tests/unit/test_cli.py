@@ -98,13 +98,6 @@ def test_click_parse_errors_are_one_line(args: list[str]) -> None:
     assert_one_line(run(*args), 2)
 
 
-@pytest.mark.parametrize("args", CLICK_ERRORS)
-def test_click_parse_errors_exit_2_without_traceback(args: list[str]) -> None:
-    done = run(*args)
-    assert done.returncode == 2
-    assert "Traceback" not in done.stderr
-
-
 def test_version_and_help() -> None:
     version = run("--version")
     assert version.returncode == 0
