@@ -66,7 +66,7 @@ class Watch:
             raise OSError(ctypes.get_errno(), "inotify")
 
     def drain(self) -> list[tuple[int, bytes]]:
-        out = []
+        out: list[tuple[int, bytes]] = []
         while True:
             try:
                 buf = os.read(self.fd, 65536)
@@ -183,7 +183,7 @@ def main() -> int:
         watch = Watch(cluster.data_dir)
         direct = run_mode(cluster, watch, args.starts, direct=True)
 
-        with open(stderr_path, "wb") as err:
+        with open(stderr_path, "wb") as stderr_file:
             pgoom = subprocess.Popen(
                 [
                     *(("nice", "-n", str(args.pgoom_nice)) if args.pgoom_nice else ()),
@@ -194,7 +194,7 @@ def main() -> int:
                     *("--verify-interval", "3600"),
                 ],
                 stdout=subprocess.DEVNULL,
-                stderr=err,
+                stderr=stderr_file,
             )
 
         def log_text() -> str:

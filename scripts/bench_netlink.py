@@ -171,7 +171,7 @@ def bench_latency(template: Template, starts: int, nice: str = "0") -> dict[str,
                 stop(cluster)
             wait_for(lambda: len(latencies_from_log(watcher.text())) >= starts - missing, 10)
             logged = latencies_from_log(watcher.text())
-            seen = [float(logged[p]) for p in pids if logged.get(p) is not None]
+            seen = [float(v) for p in pids if (v := logged.get(p)) is not None]
     finally:
         cluster.destroy()
     print(
@@ -270,7 +270,7 @@ def reader_main(kind: str, out_path: str) -> None:
         import watcher.sources.netlink as nl
 
         if kind == "raw-unfiltered":
-            nl.kernel_filters_events = lambda _release: False  # the same stream as pyroute2
+            nl.kernel_filters_events = lambda release: False  # the same stream as pyroute2
         source = nl.NetlinkSource(rcvbuf_bytes=256 << 20, ack_timeout_s=1.0)
         source.open()
         fd = source.fileno()
@@ -329,7 +329,8 @@ def run_readers(execs: int, backlog: bool) -> dict[str, dict[str, Any]]:
             cwd=ROOT,
         )
     for kind in READER_KINDS:  # subscribed (a loaded host can take seconds to start them)
-        wait_for(lambda k=kind: os.path.exists(outs[k] + ".ready"), 120, 0.05, what=kind)
+        ready = outs[kind] + ".ready"
+        wait_for(lambda: os.path.exists(ready), 120, 0.05, what=kind)  # noqa: B023
         os.unlink(outs[kind] + ".ready")
     if backlog:
         for proc in readers.values():
@@ -349,7 +350,8 @@ def run_readers(execs: int, backlog: bool) -> dict[str, dict[str, Any]]:
     for group in groups:
         if backlog:
             readers[group[0]].send_signal(signal.SIGCONT)
-        wait_for(lambda g=group: idle([readers[k].pid for k in g]), 600, 0, what="drained")
+        pids_of_group = [readers[k].pid for k in group]
+        wait_for(lambda: idle(pids_of_group), 600, 0, what="drained")  # noqa: B023
         for kind in group:
             readers[kind].send_signal(signal.SIGTERM)
             readers[kind].wait(timeout=30)
@@ -410,7 +412,7 @@ def bench_storm(template: Template, execs: int, postmasters: int) -> dict[str, A
             logged = latencies_from_log(log)
             missed = sum(1 for p in pids if logged.get(p) is None)
             enobufs = log.count("ENOBUFS")
-            latency = [float(logged[p]) for p in pids if logged.get(p) is not None]
+            latency = [float(v) for p in pids if (v := logged.get(p)) is not None]
     finally:
         cluster.destroy()
     del t_storm

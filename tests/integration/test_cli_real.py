@@ -6,16 +6,15 @@ import json
 import os
 import re
 import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
 
 from tests.support.pg import Cluster, Template, children_of, read_score, wait_for
+from tests.support.watcher import PGOOM
 
 pytestmark = pytest.mark.root
 
-PGOOM = [sys.executable, "-m", "watcher"]
 
 
 def pgoom(*args: str) -> subprocess.CompletedProcess[str]:

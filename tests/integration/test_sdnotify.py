@@ -144,6 +144,7 @@ def test_the_unit_file_verifies_clean(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed")
+    assert analyze is not None
     root = Path(__file__).resolve().parents[2]
     pgoom = Path(sys.executable).with_name("pgoom")
     if not pgoom.exists():

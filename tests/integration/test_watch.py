@@ -67,7 +67,7 @@ def watchers() -> Iterator[list[Watcher]]:
     yield started
     codes = [w.stop() for w in started]
     for w in started:  # shown by pytest when the test failed
-        print(f"--- pgoom log ({' '.join(map(str, w.proc.args))}):\n{w.text()}")
+        print(f"--- pgoom log ({w.proc.args!r}):\n{w.text()}")
     for w in started:
         shutil.rmtree(w.log_dir, ignore_errors=True)
     assert codes == [0] * len(started)

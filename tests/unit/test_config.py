@@ -6,15 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from watcher.config import (
-    DEFAULT_INTERVAL_S,
-    DEFAULT_LOG_FILE,
-    build_rules,
-    check_data_dir,
-    make_settings,
-)
+from watcher.config import build_rules, check_data_dir, make_settings
 from watcher.errors import UsageError
 from watcher.limits import DEFAULT_PATTERN, DEFAULT_SCORE, EXIT_USAGE
+from watcher.options import DEFAULT_INTERVAL_S, DEFAULT_LOG_FILE
 
 
 def usage_error(**kwargs: object) -> str:

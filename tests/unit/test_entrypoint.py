@@ -10,9 +10,10 @@ import sys
 
 import pytest
 
-from watcher.exec.entrypoint import DEFAULT_SCORE, Usage, parse_args
+from watcher.exec.entrypoint import Usage, parse_args
 from watcher.exec.privileges import Account, PrivilegeError, resolve_user, user_environment
 from watcher.exec.supervisor import monitor_argv
+from watcher.limits import DEFAULT_SCORE
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PYTHON39 = "/root/.pyenv/versions/3.9.18/bin/python3.9"

@@ -110,7 +110,7 @@ def test_look_alike_script_is_not_a_postmaster(tree: FakeProc) -> None:
 def test_postmaster_owned_by_someone_else_is_not_accepted(tree: FakeProc) -> None:
     # The data directory belongs to the test's uid, the process claims another uid.
     other = 65534 if ME != 65534 else 65533
-    postmaster(tree, adj=0, uid=other)  # type: ignore[arg-type]
+    postmaster(tree, adj=0, uid=other)
     assert verify(tree)[0] == EXIT_NOT_FOUND
 
 
