@@ -4,7 +4,7 @@ every exec (and, with --children-score, every fork) as it happens.
 Setup goes through pyroute2 (socket, bind, control messages); the hot path does not. Why,
 measured on this project's machine kind with pyroute2 0.9.7 (docs/benchmarks.md, netlink):
 - `ProcEventSocket.get()` costs ~10x the CPU of a struct decode (12.1 s vs 1.3 s for 60k
-  events; scripts/bench_netlink.py: 150-200 us vs 4-6 us per event draining a backlog): in
+  events; scripts/benchmarks/netlink.py: 150-200 us vs 4-6 us per event draining a backlog): in
   a fork storm the watcher would fall behind and overflow its buffer;
 - it must be called from the thread that created the socket;
 - it buffers messages internally, so select() on its descriptor can report "idle" while

@@ -5,7 +5,7 @@ A NetlinkSource and an Engine run in this process; for each real postmaster star
 engine's examine() of its exec event is timed, with every /proc access and the identity and
 adjustment steps timed inside it. Run at SCHED_FIFO so that other tasks do not delay it:
 
-    chrt -f 1 .venv/bin/python scripts/bench_netlink_path.py --starts 10     # root
+    chrt -f 1 .venv/bin/python scripts/benchmarks/netlink_path.py --starts 10     # root
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 from loguru import logger  # noqa: E402

@@ -3,8 +3,8 @@
 
 Run as root from the repository (PostgreSQL from scripts/setup.sh):
 
-    .venv/bin/python scripts/bench_netlink.py            # everything, ~3-4 minutes
-    .venv/bin/python scripts/bench_netlink.py --only cpu # one part: latency|poll|cpu|storm|idle
+    .venv/bin/python scripts/benchmarks/netlink.py            # everything, ~3-4 minutes
+    .venv/bin/python scripts/benchmarks/netlink.py --only cpu  # latency|poll|cpu|storm|idle
 
 Parts:
 - latency: real `pgoom watch --source netlink --score 0` against real postmaster starts;
@@ -39,7 +39,7 @@ import time
 from collections.abc import Iterator
 from typing import Any, Optional
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 from tests.support.pg import Cluster, Template, read_score, wait_for  # noqa: E402
