@@ -152,7 +152,7 @@ def confirm(facts: Facts) -> Verdict:
     )
 
 
-# --- the seed's fallbacks and roles, over a snapshot of processes ------------------------
+# --- the fallbacks and the roles, over a snapshot of processes ---------------------------
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,10 @@ Parts:
 - latency: real `pgoom watch --source netlink --score 0` against real postmaster starts;
   the figure is the watcher's own `latency_us` (kernel exec timestamp, CLOCK_MONOTONIC, to
   oom_score_adj written and read back), cross-checked by reading the score.
-- poll: the seed's 30 s poll as the baseline: its distribution is computed (a start lands
-  uniformly inside the interval) and confirmed by a shorter-interval run measured from the
-  start of the postmaster to its score changing, scaled to 30 s.
+- poll: the 30 s poll of the script pgoom replaces, as the baseline: its distribution is
+  computed (a start lands uniformly inside the interval) and confirmed by a
+  shorter-interval run measured from the start of the postmaster to its score changing,
+  scaled to 30 s.
 - cpu: the same exec storm read at once by three subscribers, each in its own process:
   pyroute2's ProcEventSocket.get(), our raw reader on the same unfiltered stream, and our
   reader as pgoom runs it (exec-only kernel filter on 6.6+). CPU seconds per event.
@@ -430,7 +431,7 @@ def bench_idle(idle_s: float) -> dict[str, Any]:
     from watcher.sources.netlink import NetlinkSource
 
     # Nothing to protect (a data-dir rule for a directory that does not exist also keeps the
-    # seed's fallbacks from adopting other postmasters on the host): no verify timer either.
+    # fallbacks from adopting other postmasters on the host): no verify timer either.
     nothing = ["--pattern", "^no-such-postmaster$", "--data-dir", "/nonexistent/pgoom-bench-idle"]
     with watching("--source", "netlink", "--score", "0", *nothing) as w:
         time.sleep(1.0)  # settle after start-up

@@ -49,7 +49,7 @@ def run_true() -> int:
 
 def own_rules(cluster: Cluster) -> list[str]:
     """Rules that match only this test's cluster: other clusters on the host (other tests)
-    must not be touched. A --data-dir rule also keeps the seed's fallbacks from guessing."""
+    must not be touched. A --data-dir rule also keeps the fallbacks from guessing."""
     pattern = re.escape(f"postgres -D {cluster.data_dir}") + "(?: |$)"
     return ["--pattern", pattern, "--data-dir", cluster.data_dir]
 

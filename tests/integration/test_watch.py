@@ -30,7 +30,8 @@ NOBODY = 65534
 
 def own_rules(*clusters: Cluster) -> list[str]:
     """A pattern and a data-dir rule per cluster: nothing else on the host matches, and a
-    data-dir rule keeps the seed's fallbacks (b)/(c) from guessing at other clusters."""
+    data-dir rule keeps the fallbacks (the parent of other postgres processes, the only
+    one) from guessing at other clusters."""
     args: list[str] = []
     for cluster in clusters:
         args += ["--pattern", re.escape(f"postgres -D {cluster.data_dir}") + "(?: |$)"]

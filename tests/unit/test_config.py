@@ -21,7 +21,7 @@ def usage_error(**kwargs: object) -> str:
     return message
 
 
-def test_defaults_are_the_seeds() -> None:
+def test_defaults_are_those_of_the_script_pgoom_replaces() -> None:
     settings = make_settings()
     assert settings.source == "auto"
     assert settings.interval_s == DEFAULT_INTERVAL_S == 30.0

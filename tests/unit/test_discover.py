@@ -1,4 +1,4 @@
-"""watcher.discover.candidates on a fake /proc: rule matches first; the seed's fallbacks only
+"""watcher.discover.candidates on a fake /proc: rule matches first; the fallbacks only
 when no rule matched and only when asked for."""
 
 from __future__ import annotations
