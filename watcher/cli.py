@@ -155,7 +155,8 @@ def doctor(
     json_output: Annotated[bool, typer.Option("--json", help="JSON instead of text.")] = False,
     score: Score = DEFAULT_SCORE,
 ) -> None:
-    from watcher.commands.doctor import render, run_checks, worst_exit_code
+    from watcher.commands.doctor import run_checks
+    from watcher.commands.doctor.checks import render, worst_exit_code
 
     results = run_checks(score)
     typer.echo(render(results, json_output))

@@ -11,7 +11,8 @@ import pytest
 
 from tests.support.pg import children_of, read_score
 from tests.support.watcher import PGOOM
-from watcher.commands.doctor import FAIL, PASS, WARN, run_checks
+from watcher.commands.doctor import run_checks
+from watcher.commands.doctor.checks import FAIL, PASS, WARN
 
 pytestmark = pytest.mark.root
 

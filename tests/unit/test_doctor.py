@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from watcher.commands.doctor import (
+from watcher.commands.doctor.checks import (
     FAIL,
     PASS,
     WARN,
