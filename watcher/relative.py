@@ -23,14 +23,14 @@ decision is a pure function; the one reader is beside it.
 
 from __future__ import annotations
 
+from watcher.limits import OOM_SCORE_ADJ_MAX, score_problem
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Optional
 
-DEFAULT_RELATIVE_SCORE = 1000
+DEFAULT_RELATIVE_SCORE = OOM_SCORE_ADJ_MAX
 OFF_WORDS = ("off", "no", "false", "none")
-SCORE_MAX = 1000
-SCORE_MIN = -1000
 
 
 class RelativeUsage(Exception):
@@ -47,8 +47,9 @@ def parse_relative_score(text: str, option: str) -> Optional[int]:
         raise RelativeUsage(
             f"{option} {text[:40]!r} is not a number: give -1000..1000 or off"
         ) from None
-    if not SCORE_MIN <= value <= SCORE_MAX:
-        raise RelativeUsage(f"{option} {value} is out of range: give -1000..1000 or off")
+    problem = score_problem(value)
+    if problem:
+        raise RelativeUsage(f"{option} {problem}, or off")
     return value
 
 

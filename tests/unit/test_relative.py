@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from watcher.entrypoint import Usage, parse_args
+from watcher.exec.entrypoint import Usage, parse_args
 from watcher.relative import (
     DEFAULT_RELATIVE_SCORE,
     RelativeUsage,
@@ -106,6 +106,18 @@ def test_exec_options_and_environment() -> None:
     assert parse_args(["--relative-score", "700", "cmd"], env).relative_score == 700
     with pytest.raises(Usage, match="PGOOM_RELATIVE_SCORE 2000 is out of range"):
         parse_args(["cmd"], {"PGOOM_RELATIVE_SCORE": "2000"})
+
+
+def test_standard_library_only() -> None:
+    """`pgoom exec` imports this on the database's start path."""
+    probe = (
+        "import sys, watcher.relative; "
+        "print(sorted(m for m in ('psutil', 'typer', 'loguru', 'pyroute2') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", probe], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert done.stdout.strip() == "[]"
 
 
 def test_read_own_score(tmp_path: Path) -> None:
