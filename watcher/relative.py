@@ -16,8 +16,9 @@ rss_c + A_c/1000 * limit > rss_p + A_p/1000 * limit, i.e. when A_c - A_p exceeds
 shared_buffers the postmaster touched. Only the largest gap is safe whatever the sizes, and
 1000 is the largest any score allows. It must also outrank Patroni, PID 1 of the container at
 the postmaster's score and larger than it (32 vs 21 MB measured by scripts/docker-e2e.sh):
-killed, it takes the container and the postmaster with it. The price: in a host-wide OOM the backends are the first
-victims on the whole host too (docs/container.md, "Relative protection").
+killed, it takes the container and the postmaster with it. The price: in a host-wide OOM the
+backends are the first victims on the whole host too (docs/container.md, "Relative
+protection").
 
 Only the standard library: `pgoom exec` imports this on the database's start path. The
 decision is a pure function; the one reader is beside it.
