@@ -49,7 +49,9 @@ def check_data_dir(path: str) -> str:
         raise UsageError(f"--data-dir {path!r} must be an absolute path, such as /pgdata/pg16")
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"--data-dir {path} exists but is not a directory")
-    return os.path.normpath(path)
+    # Rules compare the postmaster's resolved data directory: resolve the operator's too
+    # (a /pgdata/pg16 that is a symlink to the volume is the volume's path).
+    return os.path.realpath(path)
 
 
 def build_rules(

@@ -23,7 +23,6 @@ from watcher.identity import inspect
 from watcher.match import (
     Facts,
     Rule,
-    cmdline_text,
     confirm,
     might_be_postmaster,
 )
@@ -31,6 +30,7 @@ from watcher.parse import Stat
 from watcher.procfs import ProcFS
 from watcher.scan import PATTERN, candidates
 from watcher.sources.base import Event, Examine, Forked, Rescan, Source
+from watcher.untrusted import shown_argv
 
 Listener = Callable[[str, dict[str, Any]], None]
 
@@ -42,6 +42,7 @@ class Protected:
     data_dir: Optional[str]
     rule: Rule
     score_ok: bool  # False while the kernel refuses the target (EACCES): retried at verify
+    uid: Optional[int] = None  # the uid it was confirmed as: drift repair writes only that
     children_done: set[tuple[int, int]] = field(default_factory=set)
 
 
@@ -170,29 +171,36 @@ class Engine:
 
     def _protect_if_postmaster(self, facts: Facts, ts_ns: int, method: str) -> Optional[Result]:
         pid, start = facts.pid, facts.stat.starttime_ticks
-        text = cmdline_text(facts.argv)
-        rule = next((r for r in self.settings.rules if r.matches(text, facts.data_dir)), None)
+        rule = next((r for r in self.settings.rules if r.covers(facts.data_dir)), None)
         if rule is None and method != PATTERN:
             rule = self.settings.rules[0]
         if rule is None:
+            # The command line spelled a covered directory; the directory it resolves to
+            # is not one (`-D /pgdata/pg/../../tmp/x`, a symlink out of /pgdata).
+            self._refused(facts, "uncovered", f"no rule covers data directory {facts.data_dir}")
             return None
         verdict = confirm(facts)
         if not verdict.ok:
-            self._once(
-                pid,
-                start,
-                verdict.reason,
-                "info",
-                "not protecting pid {} ({}): {}",
-                pid,
-                text[:120],
-                verdict.reason,
-            )
+            self._refused(facts, verdict.cause, verdict.reason)
             return None
-        result = self.adjuster.set_score(pid, start, rule.score, only_lower=True)
+        result = self.adjuster.set_score(pid, start, rule.score, only_lower=True, uid=facts.uid)
         latency_us = (time.monotonic_ns() - ts_ns) // 1000 if ts_ns else None
         self._record(facts, rule, result, latency_us, method)
         return result
+
+    def _refused(self, facts: Facts, cause: str, reason: str) -> None:
+        """One info line per cause and uid, not per exec: another user can exec as often
+        as it likes, and every field of the line is its text (escaped and bounded)."""
+        self._once(
+            -1,
+            facts.uid,
+            cause,
+            "info",
+            "not protecting pid {} ({}): {}",
+            facts.pid,
+            shown_argv(facts.argv, 120),
+            reason,
+        )
 
     def _record(
         self, facts: Facts, rule: Rule, result: Result, latency_us: Optional[int], method: str
@@ -203,7 +211,7 @@ class Engine:
             return
         known = self.protected.get(pid)
         if known is None or known.starttime_ticks != start:
-            known = Protected(pid, start, facts.data_dir, rule, score_ok=True)
+            known = Protected(pid, start, facts.data_dir, rule, score_ok=True, uid=facts.uid)
             self.protected[pid] = known
             if facts.data_dir:
                 self.source.add_data_dir(facts.data_dir)
@@ -325,7 +333,7 @@ class Engine:
                 self._emit("exited", pid=pid, data_dir=known.data_dir)
                 continue
             result = self.adjuster.set_score(
-                pid, known.starttime_ticks, known.rule.score, only_lower=True
+                pid, known.starttime_ticks, known.rule.score, only_lower=True, uid=known.uid
             )
             if result.outcome is Outcome.ADJUSTED:
                 self.counters.drift_repairs += 1

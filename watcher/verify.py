@@ -32,7 +32,6 @@ from watcher.errors import (
 from watcher.identity import inspect
 from watcher.match import (
     Rule,
-    cmdline_text,
     confirm,
 )
 from watcher.procfs import ProcFS
@@ -77,8 +76,7 @@ def _consider(
         facts = inspect(procfs, pid, argv=argv)
     except (ProcessGone, AccessDenied):
         return
-    text = cmdline_text(argv)
-    rule = next((r for r in rules if r.matches(text, facts.data_dir)), None)
+    rule = next((r for r in rules if r.covers(facts.data_dir)), None)
     if rule is None and fallback_method is None:
         return  # e.g. named postgres, but not in the --data-dir the rule asks for
     verdict = confirm(facts)

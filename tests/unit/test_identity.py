@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -117,7 +118,8 @@ def test_stale_pidfile_is_accepted(tree: FakeProc) -> None:
     tree.data_dir(sample.data_dir, pidfile_text(31999, sample.data_dir))  # no such pid
     facts = inspect(tree.procfs, sample.pid)
     assert not facts.pidfile_names_live_postgres
-    verdict = confirm(facts)
+    assert not confirm(facts).ok  # a fake tree's executable cannot be judged: lock file only
+    verdict = confirm(dataclasses.replace(facts, binary_trusted=True))
     assert verdict.ok and not verdict.confirmed
     assert "stale" in verdict.reason
 
@@ -127,7 +129,9 @@ def test_pidfile_naming_a_live_non_postgres_process_is_stale(tree: FakeProc) -> 
     other = tree.install("hostile_paren")
     assert sample.data_dir is not None
     tree.data_dir(sample.data_dir, pidfile_text(other.pid, sample.data_dir))
-    assert confirm(inspect(tree.procfs, sample.pid)).ok
+    facts = inspect(tree.procfs, sample.pid)
+    assert not facts.pidfile_names_live_postgres
+    assert confirm(dataclasses.replace(facts, binary_trusted=True)).ok
 
 
 def test_missing_or_half_written_pidfile(tree: FakeProc) -> None:
