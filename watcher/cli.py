@@ -55,8 +55,8 @@ Patterns = Annotated[
     Optional[list[str]],
     typer.Option(
         "--pattern",
-        help="Regex on the command line of a postmaster (repeatable). "
-        "Env: PGOOM_PATTERN, one pattern per line. Default: 'postgres -D /pgdata/pg'.",
+        help="Regex searched in 'postgres -D <resolved data directory>' (repeatable). "
+        "Env: PGOOM_PATTERN, one pattern per line. Default: '^postgres -D /pgdata/pg[^/]*$'.",
     ),
 ]
 DataDirs = Annotated[
