@@ -174,14 +174,14 @@ class Engine:
         rule = next((r for r in self.settings.rules if r.covers(facts.data_dir)), None)
         if rule is None and method != PATTERN:
             rule = self.settings.rules[0]
-        if rule is None:
-            # The command line spelled a covered directory; the directory it resolves to
-            # is not one (`-D /pgdata/pg/../../tmp/x`, a symlink out of /pgdata).
-            self._refused(facts, "uncovered", f"no rule covers data directory {facts.data_dir}")
-            return None
         verdict = confirm(facts)
         if not verdict.ok:
             self._refused(facts, verdict.cause, verdict.reason)
+            return None
+        if rule is None:
+            # The command line spelled a covered directory; the directory it resolves to
+            # is not one (a symlink out of /pgdata), or a data-dir rule names another.
+            self._refused(facts, "uncovered", f"no rule covers data directory {facts.data_dir}")
             return None
         result = self.adjuster.set_score(pid, start, rule.score, only_lower=True, uid=facts.uid)
         latency_us = (time.monotonic_ns() - ts_ns) // 1000 if ts_ns else None

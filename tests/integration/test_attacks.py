@@ -11,6 +11,7 @@ held, so its start-up scan has looked at it by the time it reports ready: no sle
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -407,3 +409,25 @@ def test_a_process_whose_uid_changed_after_inspection_is_not_written() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_inotify_watch_limit_exhausted_falls_back_to_poll_with_the_fix(tmp_path: Path) -> None:
+    # In a user namespace of its own, whose inotify limit is per namespace: nothing on the
+    # host loses a watch. One watch allowed, three data directories asked for.
+    dirs = [tmp_path / name for name in "abc"]
+    for d in dirs:
+        d.mkdir()
+    script = (
+        "echo 1 > /proc/sys/user/max_inotify_watches && exec "
+        + " ".join(shlex.quote(a) for a in PGOOM)
+        + " watch --log-file '' --interval 0.2 --pattern '^$' "
+        + " ".join(f"--data-dir {d}" for d in dirs)
+    )
+    watcher = Watcher(prefix=["unshare", "-U", "-r", "sh", "-c", script, "--"])
+    try:
+        text = watcher.wait_ready(30)
+        assert "inotify unavailable: cannot watch" in text
+        assert "raise fs.inotify.max_user_watches" in text
+        assert "watching with source poll" in text
+    finally:
+        assert watcher.stop() == 0
