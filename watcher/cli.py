@@ -121,7 +121,9 @@ def watch_args(ctx: typer.Context) -> "WatchArgs":
     )
 
 
-@app.command(help=SUMMARY["adjust"])
+# ignore_unknown_options: `adjust -1` reaches the PID check ("-1 is not a process id")
+# instead of click's "No such option: -1".
+@app.command(help=SUMMARY["adjust"], context_settings={"ignore_unknown_options": True})
 def adjust(
     pid: Annotated[int, typer.Argument(help="The postmaster's PID.")],
     score: Score = DEFAULT_SCORE,

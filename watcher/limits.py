@@ -16,6 +16,9 @@ DEFAULT_CHILDREN_SCORE = 0  # PostgreSQL's documented PG_OOM_ADJUST_VALUE
 # in `postgres -D <resolved data directory>` (watcher.match.subject), never in argv.
 DEFAULT_PATTERN = r"^postgres -D /pgdata/pg[^/]*$"
 
+# The largest pid_max the kernel allows (PID_MAX_LIMIT on 64-bit, include/linux/threads.h).
+PID_MAX = 4 * 1024 * 1024
+
 # linux/capability.h
 CAP_DAC_OVERRIDE = 1
 CAP_SYS_RESOURCE = 24

@@ -12,6 +12,7 @@ of this is imported) with the same checks from watcher.limits.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,16 +76,30 @@ def _shown(value: object) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+# Every number is finite and bounded: `nan` compares false with everything (an interval of
+# nan made the loop spin, a timeout of nan never ended), and a day is longer than any
+# interval or timeout pgoom has a use for.
+MAX_SECONDS = 86400.0
+# SO_RCVBUF(FORCE) takes a C int; the kernel doubles it and caps it at INT_MAX.
+MAX_RCVBUF_BYTES = 2**31 - 1
+
+
 def _positive_seconds(value: float) -> str:
-    return "" if value > 0 else f"{_shown(value)} must be greater than 0 seconds"
+    if math.isfinite(value) and 0 < value <= MAX_SECONDS:
+        return ""
+    return f"{_shown(value)} must be greater than 0 and at most {MAX_SECONDS:g} seconds"
 
 
 def _not_negative_seconds(value: float) -> str:
-    return "" if value >= 0 else f"{_shown(value)} must be 0 or more seconds"
+    if math.isfinite(value) and 0 <= value <= MAX_SECONDS:
+        return ""
+    return f"{_shown(value)} must be from 0 to {MAX_SECONDS:g} seconds"
 
 
 def _positive_bytes(value: int) -> str:
-    return "" if value > 0 else f"{value} must be a positive number of bytes"
+    if 0 < value <= MAX_RCVBUF_BYTES:
+        return ""
+    return f"{value} must be from 1 to {MAX_RCVBUF_BYTES} bytes"
 
 
 def _one_of(choices: tuple[str, ...], fold: Callable[[str], str]) -> Callable[[str], str]:
@@ -98,9 +113,13 @@ def _one_of(choices: tuple[str, ...], fold: Callable[[str], str]) -> Callable[[s
 
 def _regex(value: str) -> str:
     try:
-        re.compile(value)
+        compiled = re.compile(value)
     except re.error as err:
         return f"{value!r} is not a valid regular expression: {err}"
+    if compiled.search("postgres -D /") is not None and compiled.search("") is not None:
+        # '' or '.*' is found in every data directory: a typo or an empty variable that
+        # would protect every postmaster on the host; --all says so on purpose.
+        return f"{value!r} matches every data directory: use --all to protect every postmaster"
     return ""
 
 
