@@ -12,7 +12,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Optional
 
 import pytest
@@ -48,7 +48,7 @@ def env_for(work: str, **extra: str) -> dict[str, str]:
     return env
 
 
-def as_uid(uid: Optional[int]) -> Optional[object]:
+def as_uid(uid: Optional[int]) -> Optional[Callable[[], None]]:
     if uid is None:
         return None
 
@@ -78,7 +78,7 @@ def run(
         capture_output=True,
         text=True,
         timeout=60,
-        preexec_fn=as_uid(uid),  # type: ignore[arg-type]
+        preexec_fn=as_uid(uid),
         cwd="/",
         stdin=subprocess.DEVNULL,
     )
@@ -98,8 +98,8 @@ def one_pgoom_line(done: subprocess.CompletedProcess[str], code: int, needle: st
 def _stdlib_unreadable_by_26() -> bool:
     probe = subprocess.run(
         ["test", "-r", os.path.dirname(os.__file__)], preexec_fn=as_uid(26), check=False
-    )  # type: ignore[arg-type]
-    return probe.returncode != 0
+    )
+    return bool(probe.returncode != 0)
 
 
 def test_path_search_after_the_switch_needs_nothing_the_new_user_cannot_read(work: str) -> None:
@@ -120,7 +120,9 @@ def test_path_search_after_the_switch_needs_nothing_the_new_user_cannot_read(wor
 def test_exec_with_stdout_or_stderr_closed_still_runs_cmd(work: str, closed: str) -> None:
     # On main: AttributeError on sys.stdout.flush(); the command never ran.
     marker = os.path.join(work, "ran")
-    done = run(work, ["--no-watch", "--", "sh", "-c", f"echo ran > {marker}"], shell_redirect=closed)
+    done = run(
+        work, ["--no-watch", "--", "sh", "-c", f"echo ran > {marker}"], shell_redirect=closed
+    )
     assert done.returncode == 0, done.stderr
     assert os.path.exists(marker)
 
@@ -159,9 +161,7 @@ def test_not_root_asking_for_another_user_is_refused_like_a_refused_switch(work:
     # On main it was silently ignored: CMD ran as uid 26 though --user 0 was asked for.
     ensure_pg_user()
     marker = os.path.join(work, "ran")
-    done = run(
-        work, ["--user", "0", "--", "touch", marker], uid=26, pgoom=_system_pgoom()
-    )
+    done = run(work, ["--user", "0", "--", "touch", marker], uid=26, pgoom=_system_pgoom())
     assert done.returncode == 4, done.stderr
     assert "--user 0" in done.stderr and "Traceback" not in done.stderr
     assert not os.path.exists(marker)
@@ -200,13 +200,9 @@ def _exec_until_monitor(work: str, env: dict[str, str]) -> str:
     """`pgoom exec -- sleep` until its monitor reports ready; returns the stderr so far."""
     err_path = os.path.join(work, "stderr")
     with open(err_path, "w") as err:
-        proc = subprocess.Popen(
-            [*PGOOM_EXEC, "--", "sleep", "60"], env=env, stderr=err, cwd="/"
-        )
+        proc = subprocess.Popen([*PGOOM_EXEC, "--", "sleep", "60"], env=env, stderr=err, cwd="/")
     try:
-        wait_for(
-            lambda: _monitor_started(open(err_path).read()), 30, what="the monitor to start"
-        )
+        wait_for(lambda: _monitor_started(open(err_path).read()), 30, what="the monitor to start")
         return open(err_path).read()
     finally:
         proc.kill()
@@ -226,7 +222,7 @@ def test_a_lock_planted_and_flocked_by_another_user_does_not_switch_the_monitor_
             f"fd = os.open({lock!r}, os.O_RDWR | os.O_CREAT, 0o644)\n"
             "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(120)\n",
         ],
-        preexec_fn=as_uid(NOBODY),  # type: ignore[arg-type]
+        preexec_fn=as_uid(NOBODY),
         stdout=subprocess.PIPE,
         text=True,
     )

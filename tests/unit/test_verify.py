@@ -193,7 +193,7 @@ def test_json_document(tree: FakeProc) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"timeout_s": -1.0}, "--timeout -1 must be 0 or more"),
+        ({"timeout_s": -1.0}, "--timeout -1 must be from 0 to 86400 seconds"),
         ({"score": -1001}, "--score -1001 is out of range"),
         ({"patterns": ["("]}, "is not a valid regular expression"),
         ({"data_dirs": ["relative/dir"]}, "must be an absolute path"),

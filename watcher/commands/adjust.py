@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from watcher.adjust import Adjuster, Outcome
 from watcher.errors import AccessDenied, NotPostmaster, ProcessGone, UsageError
-from watcher.limits import PID_MAX
 from watcher.identity import inspect
+from watcher.limits import PID_MAX
 from watcher.match import confirm, validate_score
 from watcher.procfs import ProcFS
 
