@@ -75,8 +75,15 @@ def watch(
     from watcher.config_file import resolve
 
     try:
-        resolved = resolve(watch_args(ctx))
-        run_watch(resolved.settings, resolved.metrics_address, resolved.notes)
+        args = watch_args(ctx)
+        resolved = resolve(args)
+        # SIGHUP re-reads the file with the same command line (which still wins).
+        run_watch(
+            resolved.settings,
+            resolved.metrics_address,
+            resolved.notes,
+            reread=lambda: resolve(args).settings,
+        )
     except PgoomError as err:
         _fail(err)
 

@@ -10,6 +10,7 @@ import selectors
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -71,6 +72,10 @@ class Engine:
         self.listeners: list[Listener] = [OutcomeLog()]
         self._stop = False
         self._stop_signal: Optional[str] = None
+        # SIGHUP: what daemons do (reopen the log, re-read the configuration), supplied by
+        # `pgoom watch`; it returns the settings to continue with, or None to keep these.
+        self.on_hangup: Optional[Callable[[], Optional[Settings]]] = None
+        self._hangup = False
         self._wake_r, self._wake_w = socket.socketpair()
         # Without fork events (inotify, poll) children of protected postmasters are found by
         # scanning every --interval; with netlink the Forked events cover them.
@@ -116,6 +121,9 @@ class Engine:
                 if self._stop:
                     logger.info("received {}, stopping", self._stop_signal or "stop")
                     break
+                if self._hangup:
+                    self._hangup = False
+                    self._reload()
                 now = time.monotonic()
                 if any(key.data == "source" for key, _ in ready) or (
                     next_source is not None and now >= next_source
@@ -132,6 +140,16 @@ class Engine:
             selector.close()
             self.source.close()
             logger.info("stopped")
+
+    def _reload(self) -> None:
+        new = self.on_hangup() if self.on_hangup is not None else None
+        if new is None or new == self.settings:
+            return
+        self.settings = new
+        self.adjuster.dry_run = new.dry_run
+        for data_dir in new.data_dirs:
+            self.source.add_data_dir(data_dir)
+        self.scan("configuration re-read")  # new rules and scores reach the running ones
 
     def stop(self) -> None:
         self._stop = True
@@ -202,7 +220,9 @@ class Engine:
             logger.debug("pid {} exited before it could be protected", pid)
             return
         known = self.protected.get(pid)
-        if known is None or known.starttime_ticks != start:
+        if known is not None and known.starttime_ticks == start:
+            known.rule = rule  # a re-read configuration may have changed it
+        else:
             known = Protected(pid, start, facts.data_dir, rule, score_ok=True, uid=facts.uid)
             self.protected[pid] = known
             if facts.data_dir:
@@ -352,8 +372,18 @@ class Engine:
             self._stop_signal = signal.Signals(signum).name
             self.stop()
 
+        def _hangup(_signum: int, _frame: object) -> None:
+            self._hangup = True
+            try:
+                self._wake_w.send(b"\0")
+            except OSError:
+                pass
+
         signal.signal(signal.SIGTERM, _handler)
         signal.signal(signal.SIGINT, _handler)
+        # SIGHUP's default ends the process (exit 129, no "stopped" line, nothing protected
+        # until a restart); logrotate's postrotate sends it.
+        signal.signal(signal.SIGHUP, _hangup)
 
     def _drain_wakeups(self) -> None:
         try:
