@@ -53,6 +53,7 @@ def watch(
     score: Score = DEFAULT_SCORE,
     pattern: Patterns = None,
     data_dir: DataDirs = None,
+    trusted_binary: Annotated[Optional[list[str]], _option(options.TRUSTED_BINARY)] = None,
     interval: Annotated[float, _option(options.INTERVAL)] = options.INTERVAL.default,
     verify_interval: Annotated[
         float, _option(options.VERIFY_INTERVAL)
@@ -106,11 +107,17 @@ def watch_args(ctx: typer.Context) -> "WatchArgs":
         explicit.add("pattern")
     if data_dirs:
         explicit.add("data_dir")
+    trusted = options.env_list(p["trusted_binary"], options.TRUSTED_BINARY, dict(os.environ))
+    for path in trusted:
+        options.TRUSTED_BINARY.validate_item(path)
+    if trusted:
+        explicit.add("trusted_binary")
     return WatchArgs(
         source=p["source"],
         score=p["score"],
         patterns=patterns,
         data_dirs=data_dirs,
+        trusted_binaries=trusted,
         interval_s=p["interval"],
         verify_interval_s=p["verify_interval"],
         children_score=p["children_score"],

@@ -23,6 +23,7 @@ from watcher.options import (
     RCVBUF,
     SCORE,
     SOURCE,
+    TRUSTED_BINARY,
     VERIFY_INTERVAL,
 )
 
@@ -46,6 +47,8 @@ class Settings:
     realtime: bool = False  # SCHED_FIFO: the exec -> protected tail is CPU contention
     ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S
     proc_root: str = "/proc"
+    # Server binaries trusted although root does not own their path (watcher.binary).
+    trusted_binaries: tuple[str, ...] = ()
 
 
 def compile_pattern(text: str, where: str = PATTERN.flag) -> re.Pattern[str]:
@@ -100,6 +103,7 @@ def make_settings(
     realtime: bool = False,
     ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S,
     proc_root: str = "/proc",
+    trusted_binaries: tuple[str, ...] = (),
 ) -> Settings:
     """Settings from values already taken from the command line, environment or file,
     each checked by its declaration in watcher.options."""
@@ -126,4 +130,5 @@ def make_settings(
         realtime=realtime,
         ack_timeout_s=ack_timeout_s,
         proc_root=proc_root,
+        trusted_binaries=tuple(TRUSTED_BINARY.validate(list(trusted_binaries)) or ()),
     )

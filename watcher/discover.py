@@ -11,7 +11,7 @@ watcher.match.confirm for the verdict. `discover` is the two together.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -88,14 +88,19 @@ def candidates(procfs: ProcFS, rules: list[Rule], fallback: bool) -> list[Candid
 
 
 def judge(
-    procfs: ProcFS, pid: int, argv: list[str], rules: list[Rule], method: str = PATTERN
+    procfs: ProcFS,
+    pid: int,
+    argv: list[str],
+    rules: list[Rule],
+    method: str = PATTERN,
+    trusted_binaries: Collection[str] = (),
 ) -> Optional[Finding]:
     """The facts, the covering rule and the verdict for one process; None when it exited
     or cannot be read. The first rule that covers its resolved data directory covers it; a
     process a fallback named is covered by the first rule when none does (the fallbacks
     exist for the default one)."""
     try:
-        facts = inspect(procfs, pid, argv=argv)
+        facts = inspect(procfs, pid, argv=argv, trusted_binaries=trusted_binaries)
     except (ProcessGone, AccessDenied):
         return None
     rule = next((r for r in rules if r.covers(facts.data_dir)), None)
@@ -105,9 +110,13 @@ def judge(
     return Finding(facts=facts, rule=rule, method=method, how=how, verdict=confirm(facts))
 
 
-def discover(procfs: ProcFS, rules: list[Rule], fallback: bool) -> Iterator[Finding]:
+def discover(
+    procfs: ProcFS, rules: list[Rule], fallback: bool, trusted_binaries: Collection[str] = ()
+) -> Iterator[Finding]:
     """Every candidate on the host, judged."""
     for candidate in candidates(procfs, rules, fallback):
-        finding = judge(procfs, candidate.pid, candidate.argv, rules, candidate.method)
+        finding = judge(
+            procfs, candidate.pid, candidate.argv, rules, candidate.method, trusted_binaries
+        )
         if finding is not None:
             yield finding

@@ -180,7 +180,13 @@ class Engine:
             return None
         if might_be_postmaster(argv, self.settings.rules) is None:
             return None
-        finding = judge(self.procfs, pid, argv, self.settings.rules)
+        finding = judge(
+            self.procfs,
+            pid,
+            argv,
+            self.settings.rules,
+            trusted_binaries=self.settings.trusted_binaries,
+        )
         return None if finding is None else self._protect(finding, ts_ns)
 
     def _protect(self, finding: Finding, ts_ns: int) -> Optional[Result]:
@@ -313,7 +319,12 @@ class Engine:
         postgres processes, else the only one) only when no rule's first look matched
         anything (watcher.discover)."""
         logger.debug("scanning /proc ({})", reason)
-        for finding in discover(self.procfs, self.settings.rules, self.settings.fallback):
+        for finding in discover(
+            self.procfs,
+            self.settings.rules,
+            self.settings.fallback,
+            self.settings.trusted_binaries,
+        ):
             self._protect(finding, 0)
 
     def repair_drift(self, full_scan: bool = False) -> None:

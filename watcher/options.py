@@ -168,6 +168,28 @@ DATA_DIR: Option[Optional[list[str]]] = Option(
     separator=":",
     check=data_dir_problem,
 )
+
+
+def _binary_paths(value: object) -> str:
+    """Absolute paths, from the command line (one at a time) or the file (a list)."""
+    items = value if isinstance(value, list) else [value]
+    for item in items:
+        if not isinstance(item, str) or not item.startswith("/"):
+            return f"{item!r} must be an absolute path, such as /opt/pg16/bin/postgres"
+    return ""
+
+
+TRUSTED_BINARY: Option[Optional[list[str]]] = Option(
+    "--trusted-binary",
+    None,
+    "A server binary to trust although root does not own it and every directory above it, "
+    "as the postmaster sees the path (repeatable). Env: PGOOM_TRUSTED_BINARY, colon-separated.",
+    env="PGOOM_TRUSTED_BINARY",
+    key="trusted_binaries",
+    kinds=(list,),
+    separator=":",
+    check=_binary_paths,
+)
 INTERVAL = Option(
     "--interval",
     DEFAULT_INTERVAL_S,
@@ -289,6 +311,7 @@ WATCH: tuple[Option[Any], ...] = (
     SCORE,
     PATTERN,
     DATA_DIR,
+    TRUSTED_BINARY,
     INTERVAL,
     VERIFY_INTERVAL,
     CHILDREN_SCORE,

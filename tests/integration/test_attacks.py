@@ -431,3 +431,18 @@ def test_inotify_watch_limit_exhausted_falls_back_to_poll_with_the_fix(tmp_path:
         assert "watching with source poll" in text
     finally:
         assert watcher.stop() == 0
+
+
+def test_a_binary_the_operator_lists_is_trusted_where_root_does_not_own_it(
+    scene: Scene, spawn: Spawn, owned_data_dir: str
+) -> None:
+    # A server built in a user's home: trusted only because the configuration says so.
+    pg = ensure_pg_user()
+    fake = fake_server(scene, owner=pg, dir_owner=pg)
+    proc = spawn([fake, "-e", "sleep 60", "-D", owned_data_dir], pg)
+    wait_for(lambda: read_score(proc.pid) == 1000, 5, what="the fake at 1000")
+    watcher = watch("--pattern", f"postgres -D {owned_data_dir}", "--trusted-binary", fake)
+    try:
+        wait_for(lambda: read_score(proc.pid) == 0, 10, what="the listed binary protected")
+    finally:
+        assert watcher.stop() == 0

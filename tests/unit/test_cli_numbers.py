@@ -64,3 +64,20 @@ def test_numbers_from_the_config_file_too(tmp_path: Path, toml: str, needle: str
     path = tmp_path / "pgoom.toml"
     path.write_text(toml)
     assert_one_line(run("watch", "--config", str(path), env=SAFE), 2, needle)
+
+
+@pytest.mark.parametrize(
+    ("args", "toml", "needle"),
+    [
+        (["--trusted-binary", "bin/postgres"], "", "--trusted-binary 'bin/postgres'"),
+        ([], "trusted_binaries = ['bin/postgres']\n", "trusted_binaries"),
+        ([], "trusted_binaries = '/opt/pg/bin/postgres'\n", "a list of strings"),
+    ],
+)
+def test_trusted_binaries_are_absolute_paths(
+    tmp_path: Path, args: list[str], toml: str, needle: str
+) -> None:
+    path = tmp_path / "pgoom.toml"
+    path.write_text(toml)
+    done = run("watch", "--config", str(path), *args, env=SAFE)
+    assert_one_line(done, 2, needle)

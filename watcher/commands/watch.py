@@ -23,7 +23,7 @@ def discover_data_dirs(settings: Settings, procfs: ProcFS) -> list[str]:
     """Data directories of verified postmasters running now (for inotify without
     --data-dir)."""
     found: list[str] = []
-    for finding in discover(procfs, settings.rules, fallback=False):
+    for finding in discover(procfs, settings.rules, False, settings.trusted_binaries):
         data_dir = finding.facts.data_dir
         if finding.protectable and data_dir and data_dir not in found:
             found.append(data_dir)
@@ -58,7 +58,15 @@ def use_realtime_priority() -> None:
 # What a re-read configuration can change in a running watcher; the rest (the source and
 # its buffer, the log file and format, the /proc root, real-time priority, metrics) is
 # fixed when the watcher starts.
-LIVE_FIELDS = ("rules", "data_dirs", "interval_s", "verify_interval_s", "dry_run", "fallback")
+LIVE_FIELDS = (
+    "rules",
+    "data_dirs",
+    "interval_s",
+    "verify_interval_s",
+    "dry_run",
+    "fallback",
+    "trusted_binaries",
+)
 
 
 def changes(old: Settings, new: Settings) -> tuple[list[str], list[str]]:
