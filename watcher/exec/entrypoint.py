@@ -62,7 +62,7 @@ the monitor (`pgoom watch`), switch to the user and exec CMD (it keeps this PID)
 
 Root-only steps (score, monitor, user switch) are skipped when not root.
 Exit: CMD's own status; 127 CMD not found, 126 not executable, 2 bad usage,
-4 the user switch was refused.
+4 the user switch was refused (or, not as root, --user names another user).
 """
 
 
