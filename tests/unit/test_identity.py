@@ -386,3 +386,16 @@ def test_a_process_whose_uids_differ_is_not_a_postmaster(tree: FakeProc) -> None
     )
     verdict = confirm(inspect(tree.procfs, pid))
     assert not verdict.ok and verdict.cause == "uids"
+
+
+def test_a_huge_cmdline_or_environ_is_read_bounded(tree: FakeProc) -> None:
+    # argv and environment are the process's own, as large as its stack rlimit allows.
+    from watcher.procfs import READ_MAX_BYTES
+
+    sample = tree.install("postmaster", uid=ME)
+    huge = b"postgres\0-D\0/pgdata/pg16\0" + b"x" * (3 * READ_MAX_BYTES) + b"\0"
+    (tree.proc / str(sample.pid) / "cmdline").write_bytes(huge)
+    (tree.proc / str(sample.pid) / "environ").write_bytes(b"A=" + b"y" * (3 * READ_MAX_BYTES))
+    assert len(tree.procfs.read_bytes(sample.pid, "cmdline")) == READ_MAX_BYTES
+    assert len(tree.procfs.environ(sample.pid)) == READ_MAX_BYTES
+    assert tree.procfs.cmdline(sample.pid)[:3] == ["postgres", "-D", "/pgdata/pg16"]
