@@ -26,7 +26,7 @@ import posixpath
 import stat
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from watcher.untrusted import shown
 
@@ -63,15 +63,11 @@ def judge(exe_link: str, root: str, exe: str, trusted_paths: Collection[str] = (
 
 
 def _trust(info: os.stat_result, root: str, exe: str) -> tuple[Optional[bool], str]:
-    where = shown(exe)
-    if not stat.S_ISREG(info.st_mode):
-        return False, f"executable {where} is not a regular file"
-    if info.st_uid != 0:
-        return False, f"executable {where} belongs to uid {info.st_uid}, not root"
-    if info.st_mode & _WRITABLE_BY_OTHERS:
-        return False, f"executable {where} is writable by group or others"
+    problem = _not_roots_alone(info, stat.S_ISREG, f"executable {shown(exe)}", "a regular file")
+    if problem:
+        return False, problem
     if not exe.startswith("/"):
-        return None, f"executable path {where} is not absolute"
+        return None, f"executable path {shown(exe)} is not absolute"
     try:
         os.lstat(root + "/")
     except OSError:
@@ -82,15 +78,24 @@ def _trust(info: os.stat_result, root: str, exe: str) -> tuple[Optional[bool], s
             dinfo = os.lstat(root + directory if directory != "/" else root + "/")
         except OSError:
             return None, f"directory {shown(directory)} of the executable is gone"
-        if not stat.S_ISDIR(dinfo.st_mode):
-            return False, f"{shown(directory)} above the executable is not a directory"
-        if dinfo.st_uid != 0:
-            return False, f"directory {shown(directory)} belongs to uid {dinfo.st_uid}, not root"
-        if dinfo.st_mode & _WRITABLE_BY_OTHERS:
-            return False, f"directory {shown(directory)} is writable by group or others"
+        problem = _not_roots_alone(dinfo, stat.S_ISDIR, f"directory {shown(directory)}", "one")
+        if problem:
+            return False, problem
         if directory == "/":
             return True, ""
         directory = posixpath.dirname(directory)
+
+
+def _not_roots_alone(info: os.stat_result, is_kind: Any, what: str, kind: str) -> str:
+    """Why only root could not have put this here ('' when only root could): not of the
+    kind (a symlink swapped in), not root's, or writable by group or others."""
+    if not is_kind(info.st_mode):
+        return f"{what} is not {kind}"
+    if info.st_uid != 0:
+        return f"{what} belongs to uid {info.st_uid}, not root"
+    if info.st_mode & _WRITABLE_BY_OTHERS:
+        return f"{what} is writable by group or others"
+    return ""
 
 
 def _exports_postmaster_main(fd: int, info: os.stat_result) -> Optional[bool]:
