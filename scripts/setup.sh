@@ -11,6 +11,9 @@ command -v unshare >/dev/null 2>&1 || need_apt+=(util-linux)
 command -v setpriv >/dev/null 2>&1 || need_apt+=(util-linux)
 command -v capsh >/dev/null 2>&1 || need_apt+=(libcap2-bin)
 command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)
+# The attack tests hold the real server binary in a preloaded library's constructor,
+# compiled at test time (tests/integration/test_attacks.py).
+command -v cc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: need root to install: ${need_apt[*]}" >&2

@@ -35,29 +35,48 @@ class Adjuster:
         self.dry_run = dry_run
 
     def set_score(
-        self, pid: int, starttime_ticks: int, score: int, only_lower: bool = False
+        self,
+        pid: int,
+        starttime_ticks: int,
+        score: int,
+        only_lower: bool = False,
+        uid: Optional[int] = None,
     ) -> Result:
         """Set oom_score_adj of (pid, starttime) to `score`. Never raises for a vanished or
         protected process: the outcome says what happened.
+
+        Checks and write go through one open /proc/<pid> (ProcFS.process): a PID reused
+        after the check fails the write instead of receiving it. With `uid`, a process that
+        no longer runs as the uid it was inspected as (its identity changed after exec) is
+        not written: what was proved about it no longer holds.
 
         With `only_lower`, a process already at or below `score` is left alone: a
         postmaster that kubelet put at -997 (Guaranteed QoS) or an operator at -1000 is
         better protected than the target, and raising it would weaken it."""
         try:
-            if self.procfs.stat(pid).starttime_ticks != starttime_ticks:
-                return Result(Outcome.GONE, pid, reason="pid reused by another process")
-            old = self.procfs.oom_score_adj(pid)
-            if old == score or (only_lower and old < score):
-                return Result(Outcome.UNCHANGED, pid, old, old)
-            if self.dry_run:
-                return Result(Outcome.DRY_RUN, pid, old, old)
-            try:
-                self.procfs.write_oom_score_adj(pid, score)
-            except AccessDenied:
-                return Result(Outcome.DENIED, pid, old, old, self.explain_denied(pid, old, score))
-            new = self.procfs.oom_score_adj(pid)
+            with self.procfs.process(pid) as proc:
+                if proc.stat().starttime_ticks != starttime_ticks:
+                    return Result(Outcome.GONE, pid, reason="pid reused by another process")
+                if uid is not None and set(proc.uids()) != {uid}:
+                    return Result(
+                        Outcome.GONE, pid, reason=f"pid {pid} no longer runs as uid {uid} alone"
+                    )
+                old = proc.oom_score_adj()
+                if old == score or (only_lower and old < score):
+                    return Result(Outcome.UNCHANGED, pid, old, old)
+                if self.dry_run:
+                    return Result(Outcome.DRY_RUN, pid, old, old)
+                try:
+                    proc.write_oom_score_adj(score)
+                except AccessDenied:
+                    return Result(
+                        Outcome.DENIED, pid, old, old, self.explain_denied(pid, old, score)
+                    )
+                new = proc.oom_score_adj()
         except ProcessGone as err:
             return Result(Outcome.GONE, pid, reason=str(err))
+        except AccessDenied as err:
+            return Result(Outcome.DENIED, pid, reason=str(err))
         if new != score:
             return Result(
                 Outcome.DENIED, pid, old, new, f"the kernel kept {new} instead of {score}"

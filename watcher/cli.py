@@ -53,6 +53,7 @@ def watch(
     score: Score = DEFAULT_SCORE,
     pattern: Patterns = None,
     data_dir: DataDirs = None,
+    trusted_binary: Annotated[Optional[list[str]], _option(options.TRUSTED_BINARY)] = None,
     interval: Annotated[float, _option(options.INTERVAL)] = options.INTERVAL.default,
     verify_interval: Annotated[
         float, _option(options.VERIFY_INTERVAL)
@@ -75,8 +76,15 @@ def watch(
     from watcher.config_file import resolve
 
     try:
-        resolved = resolve(watch_args(ctx))
-        run_watch(resolved.settings, resolved.metrics_address, resolved.notes)
+        args = watch_args(ctx)
+        resolved = resolve(args)
+        # SIGHUP re-reads the file with the same command line (which still wins).
+        run_watch(
+            resolved.settings,
+            resolved.metrics_address,
+            resolved.notes,
+            reread=lambda: resolve(args).settings,
+        )
     except PgoomError as err:
         _fail(err)
 
@@ -99,11 +107,17 @@ def watch_args(ctx: typer.Context) -> "WatchArgs":
         explicit.add("pattern")
     if data_dirs:
         explicit.add("data_dir")
+    trusted = options.env_list(p["trusted_binary"], options.TRUSTED_BINARY, dict(os.environ))
+    for path in trusted:
+        options.TRUSTED_BINARY.validate_item(path)
+    if trusted:
+        explicit.add("trusted_binary")
     return WatchArgs(
         source=p["source"],
         score=p["score"],
         patterns=patterns,
         data_dirs=data_dirs,
+        trusted_binaries=trusted,
         interval_s=p["interval"],
         verify_interval_s=p["verify_interval"],
         children_score=p["children_score"],
@@ -121,7 +135,9 @@ def watch_args(ctx: typer.Context) -> "WatchArgs":
     )
 
 
-@app.command(help=SUMMARY["adjust"])
+# ignore_unknown_options: `adjust -1` reaches the PID check ("-1 is not a process id")
+# instead of click's "No such option: -1".
+@app.command(help=SUMMARY["adjust"], context_settings={"ignore_unknown_options": True})
 def adjust(
     pid: Annotated[int, typer.Argument(help="The postmaster's PID.")],
     score: Score = DEFAULT_SCORE,

@@ -23,6 +23,7 @@ from watcher.options import (
     RCVBUF,
     SCORE,
     SOURCE,
+    TRUSTED_BINARY,
     VERIFY_INTERVAL,
 )
 
@@ -46,6 +47,8 @@ class Settings:
     realtime: bool = False  # SCHED_FIFO: the exec -> protected tail is CPU contention
     ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S
     proc_root: str = "/proc"
+    # Server binaries trusted although root does not own their path (watcher.binary).
+    trusted_binaries: tuple[str, ...] = ()
 
 
 def compile_pattern(text: str, where: str = PATTERN.flag) -> re.Pattern[str]:
@@ -56,7 +59,9 @@ def check_data_dir(path: str, where: str = DATA_DIR.flag) -> str:
     DATA_DIR.validate_item(path, where)
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"{where} {path} exists but is not a directory")
-    return os.path.normpath(path)
+    # Rules compare the postmaster's resolved data directory: resolve the operator's too
+    # (a /pgdata/pg16 that is a symlink to the volume is the volume's path).
+    return os.path.realpath(path)
 
 
 def build_rules(
@@ -98,6 +103,7 @@ def make_settings(
     realtime: bool = False,
     ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S,
     proc_root: str = "/proc",
+    trusted_binaries: tuple[str, ...] = (),
 ) -> Settings:
     """Settings from values already taken from the command line, environment or file,
     each checked by its declaration in watcher.options."""
@@ -124,4 +130,5 @@ def make_settings(
         realtime=realtime,
         ack_timeout_s=ack_timeout_s,
         proc_root=proc_root,
+        trusted_binaries=tuple(TRUSTED_BINARY.validate(list(trusted_binaries)) or ()),
     )

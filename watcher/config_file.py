@@ -44,6 +44,7 @@ from watcher.options import (
     RULE_KEYS,
     SCORE,
     SOURCE,
+    TRUSTED_BINARY,
     VERIFY_INTERVAL,
     Option,
 )
@@ -86,6 +87,7 @@ class WatchArgs:
     score: int = SCORE.default
     patterns: list[str] = field(default_factory=list)
     data_dirs: list[str] = field(default_factory=list)
+    trusted_binaries: list[str] = field(default_factory=list)
     interval_s: float = DEFAULT_INTERVAL_S
     verify_interval_s: float = DEFAULT_VERIFY_INTERVAL_S
     children_score: Optional[int] = None
@@ -221,7 +223,13 @@ def _check_type(key: str, value: object, types: tuple[type, ...], line: int, fai
     # TOML's true is a Python bool, and bool is an int: "score = true" must not pass.
     ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
     if not ok:
-        names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+        names = {
+            str: "a string",
+            int: "an integer",
+            float: "a number",
+            bool: "true or false",
+            list: "a list of strings",
+        }
         want = " or ".join(dict.fromkeys(names[t] for t in types))
         raise fail(line, f"{key} must be {want}, not {value!r}")
 
@@ -317,6 +325,7 @@ def resolve(args: WatchArgs) -> Resolved:
         fallback=_fallback(fallback, cli_rules or use_file_rules),
         rcvbuf_bytes=pick(RCVBUF, args.rcvbuf_bytes),
         realtime=pick(REALTIME, args.realtime),
+        trusted_binaries=tuple(pick(TRUSTED_BINARY, args.trusted_binaries)),
     )
     if use_file_rules:
         rules = [_to_rule(spec, score, children_score, args.explicit) for spec in file_rules]

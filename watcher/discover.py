@@ -11,7 +11,7 @@ watcher.match.confirm for the verdict. `discover` is the two together.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -23,7 +23,6 @@ from watcher.match import (
     Rule,
     Verdict,
     argv_binary,
-    cmdline_text,
     confirm,
     fallback_postmasters,
     is_title_rewritten,
@@ -89,26 +88,35 @@ def candidates(procfs: ProcFS, rules: list[Rule], fallback: bool) -> list[Candid
 
 
 def judge(
-    procfs: ProcFS, pid: int, argv: list[str], rules: list[Rule], method: str = PATTERN
+    procfs: ProcFS,
+    pid: int,
+    argv: list[str],
+    rules: list[Rule],
+    method: str = PATTERN,
+    trusted_binaries: Collection[str] = (),
 ) -> Optional[Finding]:
     """The facts, the covering rule and the verdict for one process; None when it exited
-    or cannot be read. The first rule that matches covers it; a process a fallback named is
-    covered by the first rule when none matches (the fallbacks exist for the default one)."""
+    or cannot be read. The first rule that covers its resolved data directory covers it; a
+    process a fallback named is covered by the first rule when none does (the fallbacks
+    exist for the default one)."""
     try:
-        facts = inspect(procfs, pid, argv=argv)
+        facts = inspect(procfs, pid, argv=argv, trusted_binaries=trusted_binaries)
     except (ProcessGone, AccessDenied):
         return None
-    text = cmdline_text(facts.argv)
-    rule = next((r for r in rules if r.matches(text, facts.data_dir)), None)
+    rule = next((r for r in rules if r.covers(facts.data_dir)), None)
     how = rule.name if rule is not None else f"fallback: {method}"
     if rule is None and method != PATTERN:
         rule = rules[0]
     return Finding(facts=facts, rule=rule, method=method, how=how, verdict=confirm(facts))
 
 
-def discover(procfs: ProcFS, rules: list[Rule], fallback: bool) -> Iterator[Finding]:
+def discover(
+    procfs: ProcFS, rules: list[Rule], fallback: bool, trusted_binaries: Collection[str] = ()
+) -> Iterator[Finding]:
     """Every candidate on the host, judged."""
     for candidate in candidates(procfs, rules, fallback):
-        finding = judge(procfs, candidate.pid, candidate.argv, rules, candidate.method)
+        finding = judge(
+            procfs, candidate.pid, candidate.argv, rules, candidate.method, trusted_binaries
+        )
         if finding is not None:
             yield finding

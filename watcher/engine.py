@@ -10,6 +10,7 @@ import selectors
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -31,11 +32,12 @@ from watcher.events import (
     Refused,
     Rescanned,
 )
-from watcher.match import Facts, Rule, cmdline_text, might_be_postmaster
+from watcher.match import Facts, Rule, might_be_postmaster
 from watcher.outcomes import OutcomeLog
 from watcher.parse import Stat
 from watcher.procfs import ProcFS
 from watcher.sources.base import Event, Examine, Forked, Rescan, Source
+from watcher.untrusted import shown_argv
 
 
 @dataclass
@@ -45,6 +47,7 @@ class Protected:
     data_dir: Optional[str]
     rule: Rule
     score_ok: bool  # False while the kernel refuses the target (EACCES): retried at verify
+    uid: Optional[int] = None  # the uid it was confirmed as: drift repair writes only that
     children_done: set[tuple[int, int]] = field(default_factory=set)
 
 
@@ -69,6 +72,10 @@ class Engine:
         self.listeners: list[Listener] = [OutcomeLog()]
         self._stop = False
         self._stop_signal: Optional[str] = None
+        # SIGHUP: what daemons do (reopen the log, re-read the configuration), supplied by
+        # `pgoom watch`; it returns the settings to continue with, or None to keep these.
+        self.on_hangup: Optional[Callable[[], Optional[Settings]]] = None
+        self._hangup = False
         self._wake_r, self._wake_w = socket.socketpair()
         # Without fork events (inotify, poll) children of protected postmasters are found by
         # scanning every --interval; with netlink the Forked events cover them.
@@ -114,6 +121,9 @@ class Engine:
                 if self._stop:
                     logger.info("received {}, stopping", self._stop_signal or "stop")
                     break
+                if self._hangup:
+                    self._hangup = False
+                    self._reload()
                 now = time.monotonic()
                 if any(key.data == "source" for key, _ in ready) or (
                     next_source is not None and now >= next_source
@@ -130,6 +140,16 @@ class Engine:
             selector.close()
             self.source.close()
             logger.info("stopped")
+
+    def _reload(self) -> None:
+        new = self.on_hangup() if self.on_hangup is not None else None
+        if new is None or new == self.settings:
+            return
+        self.settings = new
+        self.adjuster.dry_run = new.dry_run
+        for data_dir in new.data_dirs:
+            self.source.add_data_dir(data_dir)
+        self.scan("configuration re-read")  # new rules and scores reach the running ones
 
     def stop(self) -> None:
         self._stop = True
@@ -160,22 +180,42 @@ class Engine:
             return None
         if might_be_postmaster(argv, self.settings.rules) is None:
             return None
-        finding = judge(self.procfs, pid, argv, self.settings.rules)
+        finding = judge(
+            self.procfs,
+            pid,
+            argv,
+            self.settings.rules,
+            trusted_binaries=self.settings.trusted_binaries,
+        )
         return None if finding is None else self._protect(finding, ts_ns)
 
     def _protect(self, finding: Finding, ts_ns: int) -> Optional[Result]:
         rule, facts, verdict = finding.rule, finding.facts, finding.verdict
-        if rule is None:
-            return None
         pid, start = facts.pid, facts.stat.starttime_ticks
         if not verdict.ok:
-            text = cmdline_text(facts.argv)[:120]
-            self._emit(Refused(pid=pid, start=start, cmdline=text, reason=verdict.reason))
+            self._refuse(facts, verdict.cause, verdict.reason)
             return None
-        result = self.adjuster.set_score(pid, start, rule.score, only_lower=True)
+        if rule is None:
+            # The command line spelled a covered directory; the directory it resolves to
+            # is not one (a symlink out of /pgdata), or a data-dir rule names another.
+            self._refuse(facts, "uncovered", f"no rule covers data directory {facts.data_dir}")
+            return None
+        result = self.adjuster.set_score(pid, start, rule.score, only_lower=True, uid=facts.uid)
         latency_us = (time.monotonic_ns() - ts_ns) // 1000 if ts_ns else None
         self._record(facts, rule, result, latency_us, finding.method)
         return result
+
+    def _refuse(self, facts: Facts, cause: str, reason: str) -> None:
+        self._emit(
+            Refused(
+                pid=facts.pid,
+                start=facts.stat.starttime_ticks,
+                cmdline=shown_argv(facts.argv, 120),
+                reason=reason,
+                cause=cause,
+                uid=facts.uid,
+            )
+        )
 
     def _record(
         self, facts: Facts, rule: Rule, result: Result, latency_us: Optional[int], method: str
@@ -186,8 +226,10 @@ class Engine:
             logger.debug("pid {} exited before it could be protected", pid)
             return
         known = self.protected.get(pid)
-        if known is None or known.starttime_ticks != start:
-            known = Protected(pid, start, facts.data_dir, rule, score_ok=True)
+        if known is not None and known.starttime_ticks == start:
+            known.rule = rule  # a re-read configuration may have changed it
+        else:
+            known = Protected(pid, start, facts.data_dir, rule, score_ok=True, uid=facts.uid)
             self.protected[pid] = known
             if facts.data_dir:
                 self.source.add_data_dir(facts.data_dir)
@@ -277,7 +319,12 @@ class Engine:
         postgres processes, else the only one) only when no rule's first look matched
         anything (watcher.discover)."""
         logger.debug("scanning /proc ({})", reason)
-        for finding in discover(self.procfs, self.settings.rules, self.settings.fallback):
+        for finding in discover(
+            self.procfs,
+            self.settings.rules,
+            self.settings.fallback,
+            self.settings.trusted_binaries,
+        ):
             self._protect(finding, 0)
 
     def repair_drift(self, full_scan: bool = False) -> None:
@@ -293,7 +340,7 @@ class Engine:
                 self._emit(Exited(pid=pid, data_dir=known.data_dir, protected=len(self.protected)))
                 continue
             result = self.adjuster.set_score(
-                pid, known.starttime_ticks, known.rule.score, only_lower=True
+                pid, known.starttime_ticks, known.rule.score, only_lower=True, uid=known.uid
             )
             if result.outcome is Outcome.ADJUSTED:
                 self.counters.drift_repairs += 1
@@ -336,8 +383,18 @@ class Engine:
             self._stop_signal = signal.Signals(signum).name
             self.stop()
 
+        def _hangup(_signum: int, _frame: object) -> None:
+            self._hangup = True
+            try:
+                self._wake_w.send(b"\0")
+            except OSError:
+                pass
+
         signal.signal(signal.SIGTERM, _handler)
         signal.signal(signal.SIGINT, _handler)
+        # SIGHUP's default ends the process (exit 129, no "stopped" line, nothing protected
+        # until a restart); logrotate's postrotate sends it.
+        signal.signal(signal.SIGHUP, _hangup)
 
     def _drain_wakeups(self) -> None:
         try:

@@ -59,8 +59,10 @@ class Refused:
 
     pid: int
     start: int
-    cmdline: str  # bounded, for the log
+    cmdline: str  # bounded and escaped, for the log
     reason: str
+    cause: str = ""  # a short name of the refusal (watcher.match.Verdict.cause)
+    uid: int = -1  # whose process: a refusal is logged once per cause and uid
 
 
 @dataclass(frozen=True)

@@ -11,27 +11,37 @@ from __future__ import annotations
 import os
 import posixpath
 import stat as stat_module
+from collections.abc import Collection
 from typing import Optional
 
-from watcher.binary import is_postgres_server
+from watcher.binary import judge
 from watcher.errors import AccessDenied, ProcessGone
 from watcher.match import Facts
 from watcher.parse import (
+    PIDFILE_MAX_BYTES,
     POSTGRES_BINARIES,
     Stat,
     binary_name,
     conf_data_directory,
     data_dir_from_argv,
     environ_value,
+    names_single_user_backend,
     parse_postmaster_pid,
+    status_all_uids,
     status_fields,
-    status_uids,
+    strip_deleted,
 )
 from watcher.procfs import ProcFS, read_file_text
 
+_MAX_SYMLINKS = 40  # as the kernel's MAXSYMLINKS: beyond it, ELOOP
+
 
 def inspect(
-    procfs: ProcFS, pid: int, stat: Optional[Stat] = None, argv: Optional[list[str]] = None
+    procfs: ProcFS,
+    pid: int,
+    stat: Optional[Stat] = None,
+    argv: Optional[list[str]] = None,
+    trusted_binaries: Collection[str] = (),
 ) -> Facts:
     """Read everything confirm() needs. Raises ProcessGone if the process vanished."""
     if stat is None:
@@ -39,14 +49,19 @@ def inspect(
     if argv is None:
         argv = procfs.cmdline(pid)
     status = status_fields(procfs.read_text(pid, "status"), "Uid", "NSpid")
-    uid, _ = status_uids(status)
+    uids = status_all_uids(status)
     ns_pid = _innermost_ns_pid(status, pid)
 
     try:
-        binary: Optional[str] = binary_name(procfs.exe(pid))
+        exe: Optional[str] = strip_deleted(procfs.exe(pid))
     except AccessDenied:
-        binary = None
-    is_server = is_postgres_server(procfs.path(pid, "exe")) if binary in POSTGRES_BINARIES else None
+        exe = None
+    binary = binary_name(exe) if exe is not None else None
+    executable = (
+        judge(procfs.path(pid, "exe"), procfs.path(pid, "root"), exe, trusted_binaries)
+        if exe is not None and binary in POSTGRES_BINARIES
+        else None
+    )
 
     data_dir, located = _data_dir(procfs, pid, argv)
     data_dir_uid: Optional[int] = None
@@ -56,7 +71,7 @@ def inspect(
     if located is not None:
         access, data_dir_uid = located
         try:
-            text = read_file_text(posixpath.join(access, "postmaster.pid"))
+            text = read_file_text(posixpath.join(access, "postmaster.pid"), PIDFILE_MAX_BYTES)
         except AccessDenied:
             pidfile_state = "unreadable"
         else:
@@ -65,15 +80,20 @@ def inspect(
                 pidfile_state = "ok"
                 if pidfile.pid != ns_pid:
                     names_live = _is_live_postgres(procfs, pidfile.pid, pid, ns_pid)
+            elif text is not None and names_single_user_backend(text):
+                pidfile_state = "single-user"
     # The lock file holds the PID as the postmaster's own namespace numbers it.
     if pidfile is not None and pidfile.pid == ns_pid and ns_pid != pid:
         pidfile = pidfile.__class__(pid, pidfile.data_dir, pidfile.start_epoch, pidfile.port)
     return Facts(
         stat=stat,
         argv=argv,
-        uid=uid,
+        uid=uids[0],
+        uids_agree=len(set(uids)) == 1,
         binary=binary,
-        binary_is_server=is_server,
+        binary_is_server=executable.server if executable is not None else None,
+        binary_trusted=executable.trusted if executable is not None else None,
+        binary_distrust=executable.reason if executable is not None else "",
         data_dir=data_dir,
         data_dir_uid=data_dir_uid,
         pidfile=pidfile,
@@ -91,7 +111,9 @@ Located = tuple[str, int]  # (path this process can open, owner uid)
 
 
 def _data_dir(procfs: ProcFS, pid: int, argv: list[str]) -> tuple[Optional[str], Optional[Located]]:
-    """The data directory as the process names it, and where this process reaches it."""
+    """The data directory the process will lock, resolved (no '..', no symlinks) as the
+    process sees it, and where this process reaches it. Rules are decided on the resolved
+    path: `-D /pgdata/pg/../../tmp/evil` is /tmp/evil, whatever its spelling."""
     data_dir = data_dir_from_argv(argv)
     if data_dir is None:
         try:
@@ -106,23 +128,36 @@ def _data_dir(procfs: ProcFS, pid: int, argv: list[str]) -> tuple[Optional[str],
             return None, None
         if not os.path.exists(posixpath.join(procfs.path(pid, "cwd"), "postmaster.pid")):
             return None, None
-        return cwd, _locate(procfs, pid, cwd)
+        return _at_cwd(procfs, pid, cwd)
     if not data_dir.startswith("/"):
         try:
             cwd = procfs.cwd(pid)
         except AccessDenied:
             return None, None
-        joined = posixpath.normpath(posixpath.join(cwd, data_dir))
-        # After start-up the postmaster has already changed into its data directory.
-        data_dir = joined if os.path.isdir(procfs.in_process_root(pid, joined)) else cwd
-    return _through_config_dir(procfs, pid, posixpath.normpath(data_dir))
+        joined = posixpath.join(cwd, data_dir)
+        if _locate(procfs, pid, joined)[1] is None:
+            # After start-up the postmaster has already changed into its data directory.
+            return _at_cwd(procfs, pid, cwd)
+        data_dir = joined
+    return _through_config_dir(procfs, pid, data_dir)
 
 
-def _through_config_dir(procfs: ProcFS, pid: int, directory: str) -> tuple[str, Optional[Located]]:
+def _at_cwd(procfs: ProcFS, pid: int, cwd: str) -> tuple[str, Optional[Located]]:
+    """The working directory as the data directory: the kernel names the link's target
+    already resolved, and the link itself reaches the very directory in any namespace."""
+    here = procfs.path(pid, "cwd")
+    try:
+        info = os.stat(here)
+    except OSError:
+        return cwd, None
+    return cwd, (here, info.st_uid) if stat_module.S_ISDIR(info.st_mode) else None
+
+
+def _through_config_dir(procfs: ProcFS, pid: int, named: str) -> tuple[str, Optional[Located]]:
     """`-D` may name a configuration directory whose postgresql.conf sets data_directory
     (Debian keeps configuration in /etc/postgresql/<v>/<name>). A data directory holds
     PG_VERSION; a configuration directory does not."""
-    located = _locate(procfs, pid, directory)
+    directory, located = _locate(procfs, pid, named)
     if located is None or os.path.exists(posixpath.join(located[0], "PG_VERSION")):
         return directory, located
     try:
@@ -132,22 +167,70 @@ def _through_config_dir(procfs: ProcFS, pid: int, directory: str) -> tuple[str, 
     target = conf_data_directory(text) if text is not None else None
     if target is None:
         return directory, located
-    data_dir = posixpath.normpath(posixpath.join(directory, target))
-    return data_dir, _locate(procfs, pid, data_dir)
+    return _locate(procfs, pid, posixpath.join(directory, target))
 
 
-def _locate(procfs: ProcFS, pid: int, directory: str) -> Optional[Located]:
-    """Reach `directory` through /proc/<pid>/root (the process's mount namespace) where
-    ptrace access allows, else by its path here (a pod's shared volume). One stat gives both
-    "is a directory" and its owner."""
-    for candidate in (procfs.in_process_root(pid, directory), directory):
-        try:
-            info = os.stat(candidate)
-        except OSError:
+def _locate(procfs: ProcFS, pid: int, directory: str) -> tuple[str, Optional[Located]]:
+    """`directory` resolved inside the process's root (/proc/<pid>/root, which crosses
+    mount namespaces), and the directory's owner. Only where that root is out of reach (a
+    sidecar without CAP_SYS_PTRACE) is the path taken as this process sees it: a pod's
+    shared volume is mounted at the same path. A path that does not resolve to a directory
+    (a file, a dangling link, a loop) is not located."""
+    root = procfs.path(pid, "root")
+    try:
+        os.lstat(root + "/")
+    except PermissionError:
+        root = ""
+    except OSError:
+        return posixpath.normpath(directory), None
+    resolved = resolve_in_root(root, directory)
+    if resolved is None:
+        return posixpath.normpath(directory), None
+    access = root + resolved if root else resolved
+    try:
+        info = os.lstat(access)
+    except OSError:
+        return resolved, None
+    if not stat_module.S_ISDIR(info.st_mode):
+        return resolved, None
+    return resolved, (access, info.st_uid)
+
+
+def resolve_in_root(root: str, path: str) -> Optional[str]:
+    """`path` with '.', '..' and symlinks resolved as a process whose root directory is
+    `root` resolves them (absolute link targets start again at `root`, '..' stops there);
+    None if a component is missing or the links loop. os.path.realpath would resolve an
+    absolute link inside a container against the host's root."""
+    pending = [part for part in reversed(path.split("/")) if part]
+    resolved: list[str] = []
+    links = 0
+    while pending:
+        part = pending.pop()
+        if part == ".":
             continue
-        if stat_module.S_ISDIR(info.st_mode):
-            return candidate, info.st_uid
-    return None
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = "/" + "/".join([*resolved, part])
+        try:
+            info = os.lstat(root + candidate)
+        except OSError:
+            return None
+        if stat_module.S_ISLNK(info.st_mode):
+            links += 1
+            if links > _MAX_SYMLINKS:
+                return None
+            try:
+                target = os.readlink(root + candidate)
+            except OSError:
+                return None
+            if target.startswith("/"):
+                resolved = []
+            pending.extend(p for p in reversed(target.split("/")) if p)
+            continue
+        resolved.append(part)
+    return "/" + "/".join(resolved)
 
 
 def _is_live_postgres(procfs: ProcFS, other: int, pid: int, ns_pid: int) -> bool:

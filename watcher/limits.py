@@ -11,7 +11,13 @@ OOM_SCORE_ADJ_MIN = -1000
 OOM_SCORE_ADJ_MAX = 1000
 DEFAULT_SCORE = -900  # the target of the script pgoom replaces; `watch` and `exec` agree
 DEFAULT_CHILDREN_SCORE = 0  # PostgreSQL's documented PG_OOM_ADJUST_VALUE
-DEFAULT_PATTERN = r"postgres -D /pgdata/pg"
+# The clusters directly under /pgdata whose name starts with pg (Percona's and Crunchy's
+# /pgdata/pg16), and nothing below them or merely spelled like them: a pattern is searched
+# in `postgres -D <resolved data directory>` (watcher.match.subject), never in argv.
+DEFAULT_PATTERN = r"^postgres -D /pgdata/pg[^/]*$"
+
+# The largest pid_max the kernel allows (PID_MAX_LIMIT on 64-bit, include/linux/threads.h).
+PID_MAX = 4 * 1024 * 1024
 
 # linux/capability.h
 CAP_DAC_OVERRIDE = 1

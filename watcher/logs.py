@@ -1,18 +1,32 @@
 """Logging: stderr plus a bounded, rotated file, optionally JSON lines for log shippers.
 
 The file sink is ours rather than loguru's path sink because the default path lives in
-/tmp: as root, opening a name an unprivileged user could have planted must not follow a
-symlink (O_NOFOLLOW), nor append to a file someone else owns.
+/tmp, a directory every local user can write: loguru opens its file with a plain open()
+(it follows a planted symlink and appends to a file another user owns, as root) and its
+rotation renames over whatever sits at the new name. Here, as root:
+- the log is opened with O_NOFOLLOW | O_NONBLOCK and kept only if it is a regular file
+  this user owns (a FIFO or another user's file is refused at start, with the fix);
+- rotation renames only files this user owns, never onto a name another user took
+  (link + unlink fails on an existing name where rename would replace it), and when a
+  slot is taken the oldest log of ours is dropped or the current one emptied instead:
+  the bound holds whatever others create next to the log;
+- a write that fails (disk full, a closed descriptor) loses that line in the file, never
+  the watcher: the sink never raises, so loguru never prints its handler traceback.
+Every message is escaped and bounded once more at the end (watcher.untrusted): a field
+from another user that a caller forgot to pass through shown() still cannot forge a line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import sys
-from typing import Optional
+from typing import Any, Optional
 
 from loguru import logger
+
+from watcher.untrusted import MESSAGE_MAX_CHARS, shown
 
 FORMAT = "{time:YYYY-MM-DDTHH:mm:ss.SSSZZ} {level: <7} pgoom[{process}] {message}"
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
@@ -59,28 +73,118 @@ class SafeFileSink:
 
     def write(self, message: str) -> None:
         data = message.encode("utf-8", "replace")
-        if self._size + len(data) > self.max_bytes and self._size > 0:
-            self._rotate()
-        os.write(self._fd, data)
-        self._size += len(data)
+        try:
+            if self._size + len(data) > self.max_bytes and self._size > 0:
+                self._rotate()
+            if self._fd >= 0:
+                os.write(self._fd, data)
+                self._size += len(data)
+        except OSError:
+            pass  # the line still reached stderr; protection goes on
+
+    def reopen(self) -> None:
+        """SIGHUP after logrotate moved the file away: continue in a new file at the path
+        (or in the current one, if the path is unusable now)."""
+        try:
+            fd = self._open(exclusive=False)
+        except UnsafeLogPath:
+            return
+        self._replace_fd(fd, os.fstat(fd).st_size)
 
     def _rotate(self) -> None:
-        os.close(self._fd)
-        # rename() acts on names, never through symlinks: a planted path.N is replaced.
-        for index in range(self.backups, 0, -1):
-            older = f"{self.path}.{index - 1}" if index > 1 else self.path
+        if not self._shift(self.path, f"{self.path}.1", current=True):
+            # The first slot is taken by something not ours: keep our own file, emptied.
+            os.ftruncate(self._fd, 0)
+            self._size = 0
+            return
+        try:
+            fd = self._open(exclusive=True)
+        except UnsafeLogPath:
+            # Someone created the name between the rename and the open: our fd now names
+            # path.1, which we own; empty it rather than write into theirs.
+            os.ftruncate(self._fd, 0)
+            self._size = 0
+            return
+        self._replace_fd(fd, 0)
+
+    def _shift(self, source: str, target: str, current: bool) -> bool:
+        """Move our `source` to `target`, first making room by shifting the older backups.
+        False when `source` could not be moved (then it is left as it is)."""
+        index = int(target.rsplit(".", 1)[1])
+        if os.path.lexists(target):
+            if not self._owned(target):
+                return False
+            if index < self.backups:
+                older = f"{self.path}.{index + 1}"
+                if not self._shift(target, older, current=False):
+                    _remove_own(target)  # the next slot is not ours: drop our oldest log
+            elif not os.path.isdir(target):
+                _remove_own(target)  # beyond the kept backups
+        if not self._owned(source, current):
+            return False
+        try:
+            # link + unlink is a rename that fails on an existing name (a name planted in
+            # the meantime) instead of replacing it.
+            os.link(source, target, follow_symlinks=False)
+        except OSError:
+            return False
+        _remove_own(source)
+        return True
+
+    def _owned(self, name: str, current: bool = False) -> bool:
+        """A name this user owns and may move or remove: not a directory; for the live log,
+        the very file our descriptor writes to."""
+        try:
+            info = os.lstat(name)
+        except OSError:
+            return False
+        if info.st_uid != os.geteuid() or stat.S_ISDIR(info.st_mode):
+            return False
+        if current:
+            own = os.fstat(self._fd)
+            return (info.st_dev, info.st_ino) == (own.st_dev, own.st_ino)
+        return True
+
+    def _replace_fd(self, fd: int, size: int) -> None:
+        old, self._fd, self._size = self._fd, fd, size
+        if old >= 0:
             try:
-                os.replace(older, f"{self.path}.{index}")
-            except FileNotFoundError:
+                os.close(old)
+            except OSError:
                 pass
-        self._fd = self._open(exclusive=True)
-        self._size = 0
 
     def close(self) -> None:
-        try:
-            os.close(self._fd)
-        except OSError:
-            pass
+        # -1 first: a later close must never hit a descriptor number reused by another
+        # object (the epoll fd, in the crash this replaced).
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _remove_own(name: str) -> None:
+    with contextlib.suppress(OSError):  # gone already, or not removable: the bound holds
+        os.unlink(name)
+
+
+def _bounded(record: Any) -> None:
+    """loguru patcher: the last defence on every message (see the module docstring)."""
+    record["message"] = shown(record["message"], MESSAGE_MAX_CHARS)
+
+
+def _to_stderr(message: str) -> None:
+    # A closed or broken stderr (EPIPE, EBADF, None when fd 2 was closed at start) must
+    # cost only the line: the watcher keeps protecting.
+    stream = sys.stderr
+    if stream is None:
+        return
+    try:
+        stream.write(message)
+        stream.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def setup_logging(
@@ -90,8 +194,9 @@ def setup_logging(
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Optional[SafeFileSink]:
     logger.remove()
+    logger.configure(patcher=_bounded)
     logger.add(
-        sys.stderr, level=level, format=FORMAT, serialize=json, backtrace=False, diagnose=False
+        _to_stderr, level=level, format=FORMAT, serialize=json, backtrace=False, diagnose=False
     )
     if not log_file:
         return None

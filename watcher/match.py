@@ -5,18 +5,33 @@ The facts are gathered by watcher.identity; this module only decides.
 
 from __future__ import annotations
 
+import posixpath
 import re
 from dataclasses import dataclass, field
 from typing import Optional
 
 from watcher.limits import score_problem
-from watcher.parse import POSTGRES_BINARIES, PidFile, Stat, is_server_invocation
+from watcher.parse import (
+    POSTGRES_BINARIES,
+    PidFile,
+    Stat,
+    data_dir_from_argv,
+    is_server_invocation,
+)
+from watcher.untrusted import shown
+
+
+def subject(data_dir: str) -> str:
+    """What a pattern is searched in: `postgres -D <data directory>`, the data directory
+    resolved as the postmaster sees it (no '..', no symlinks; watcher.identity)."""
+    return f"postgres -D {data_dir}"
 
 
 @dataclass(frozen=True)
 class Rule:
-    """Protect processes whose command line matches `pattern` (or whose data directory is
-    `data_dir`; or, with neither, every verified postmaster) at `score`."""
+    """Protect postmasters whose resolved data directory `pattern` finds in
+    subject(data_dir) (or that is `data_dir`; or, with neither, every verified postmaster)
+    at `score`."""
 
     score: int
     pattern: Optional[re.Pattern[str]] = None
@@ -31,12 +46,11 @@ class Rule:
             return f"data dir {self.data_dir}"
         return "all postmasters"
 
-    def matches_cmdline(self, cmdline: str) -> bool:
-        return self.pattern is not None and self.pattern.search(cmdline) is not None
-
-    def matches(self, cmdline: str, data_dir: Optional[str]) -> bool:
+    def covers(self, data_dir: Optional[str]) -> bool:
+        """Does this rule cover a postmaster whose data directory resolves to `data_dir`?
+        Never decided on the command line: argv is the process's own text."""
         if self.pattern is not None:
-            return self.pattern.search(cmdline) is not None
+            return data_dir is not None and self.pattern.search(subject(data_dir)) is not None
         if self.data_dir is not None:
             return data_dir is not None and data_dir.rstrip("/") == self.data_dir.rstrip("/")
         return True
@@ -58,17 +72,24 @@ def is_title_rewritten(argv: list[str]) -> bool:
 
 def might_be_postmaster(argv: list[str], rules: list[Rule]) -> Optional[Rule]:
     """The cheap first look at an exec'd process, from its command line alone: the first rule
-    that could apply, or None. Rules that need the data directory or match any postmaster
-    ask only that the binary be called postgres; watcher.identity confirms the rest."""
-    if not argv or is_title_rewritten(argv):
+    that could apply, or None. Only a command named postgres that runs a server is worth a
+    look (`bash -c '... postgres -D /pgdata/pg16'`, `env ... postgres` are not: their own
+    exec of postgres comes next). A pattern rule also asks that `-D` name, spelled out, a
+    directory it could cover; the rule is decided on the resolved directory afterwards
+    (Rule.covers), this only spares the thousands of other execs the reads."""
+    if (
+        not argv
+        or is_title_rewritten(argv)
+        or argv_binary(argv) not in POSTGRES_BINARIES
+        or not is_server_invocation(argv)
+    ):
         return None
-    text = cmdline_text(argv)
-    named_postgres = argv_binary(argv) in POSTGRES_BINARIES
+    named = data_dir_from_argv(argv)
+    spelled = posixpath.normpath(named) if named and named.startswith("/") else None
     for rule in rules:
-        if rule.pattern is not None:
-            if rule.pattern.search(text) is not None:
-                return rule
-        elif named_postgres:
+        if rule.pattern is None:
+            return rule
+        if spelled is not None and rule.covers(spelled):
             return rule
     return None
 
@@ -82,14 +103,17 @@ class Facts:
 
     stat: Stat
     argv: list[str]
-    uid: int
+    uid: int  # real uid
     binary: Optional[str]  # basename of /proc/<pid>/exe; None when it cannot be read
-    data_dir: Optional[str]
+    data_dir: Optional[str]  # resolved as the process sees it (watcher.identity)
     data_dir_uid: Optional[int]  # owner of the data directory; None when it cannot be stat'ed
     pidfile: Optional[PidFile]
-    pidfile_state: str  # "ok", "missing" (or half-written), "unreadable"
+    pidfile_state: str  # "ok", "missing" (or half-written), "unreadable", "single-user"
     pidfile_names_live_postgres: bool = False  # it names another PID that is a live postgres
     binary_is_server: Optional[bool] = None  # by content (watcher.binary); None: not checked
+    binary_trusted: Optional[bool] = None  # by ownership (watcher.binary); None: not judged
+    binary_distrust: str = ""  # why it is not trusted
+    uids_agree: bool = True  # real, effective, saved and file-system uid are one
 
     @property
     def pid(self) -> int:
@@ -101,48 +125,82 @@ class Verdict:
     ok: bool
     reason: str
     confirmed: bool = False  # postmaster.pid names this PID: the strongest evidence
+    cause: str = ""  # a short name of the refusal: the watcher logs each cause once
+
+
+def _unjudged(facts: Facts) -> str:
+    if facts.binary is None:
+        return "executable unreadable"
+    return f"executable not judged ({facts.binary_distrust})"
+
+
+def _no(cause: str, reason: str) -> Verdict:
+    return Verdict(False, reason, cause=cause)
 
 
 def confirm(facts: Facts) -> Verdict:
     """Decide whether `facts` describe a real postmaster. A look-alike never passes: the
-    binary must be postgres, the owner must own the data directory, and a postmaster.pid
-    that names another live postgres process rules this one out."""
+    executable must be a PostgreSQL server only root could have installed (or one the
+    operator listed), the process's uids must be one and own the data directory, and a
+    postmaster.pid that names another live postgres process rules this one out."""
     pid = facts.pid
     if facts.stat.state in ("Z", "X"):
-        return Verdict(False, "zombie")
+        return _no("zombie", "zombie")
     if facts.binary is not None:
         if facts.binary not in POSTGRES_BINARIES:
-            return Verdict(False, f"executable is {facts.binary}, not postgres")
+            return _no("binary-name", f"executable is {shown(facts.binary)}, not postgres")
+        if facts.binary_trusted is False:
+            return _no("binary-untrusted", f"untrusted executable: {facts.binary_distrust}")
         if facts.binary_is_server is False:
-            return Verdict(False, f"executable {facts.binary} is not a PostgreSQL server binary")
+            return _no(
+                "binary-content",
+                f"executable {shown(facts.binary)} is not a PostgreSQL server binary",
+            )
     elif facts.stat.comm not in POSTGRES_BINARIES:
-        return Verdict(False, f"command is {facts.stat.comm}, not postgres")
+        return _no("binary-name", f"command is {shown(facts.stat.comm)}, not postgres")
     if is_title_rewritten(facts.argv):
-        return Verdict(False, "a backend or auxiliary process, not the postmaster")
+        return _no("backend", "a backend or auxiliary process, not the postmaster")
     if not is_server_invocation(facts.argv):
-        return Verdict(False, "a one-shot postgres invocation, not a server")
+        return _no("one-shot", "a one-shot postgres invocation, not a server")
+    if not facts.uids_agree:
+        return _no("uids", "its real, effective, saved and file-system uids differ")
     if facts.data_dir is None:
-        return Verdict(False, "no data directory (-D, PGDATA or working directory)")
+        return _no("no-data-dir", "no data directory (-D, PGDATA or working directory)")
+    where = shown(facts.data_dir)
     if facts.data_dir_uid is None:
-        return Verdict(False, f"cannot stat data directory {facts.data_dir}")
+        return _no("data-dir", f"cannot stat data directory {where} (or not a directory)")
     if facts.data_dir_uid != facts.uid:
-        return Verdict(
-            False,
-            f"data directory {facts.data_dir} belongs to uid {facts.data_dir_uid}, "
+        return _no(
+            "data-dir-owner",
+            f"data directory {where} belongs to uid {facts.data_dir_uid}, "
             f"the process runs as uid {facts.uid}",
         )
+    if facts.pidfile_state == "single-user":
+        return _no("single-user", f"a single-user backend holds {where}")
+    # Without the executable judged (unreadable, or its path out of reach), only the lock
+    # file can tell a postmaster from a renamed program.
+    judged = facts.binary is not None and facts.binary_trusted is True
     if facts.pidfile_state == "ok" and facts.pidfile is not None:
         if facts.pidfile.pid == pid:
             return Verdict(True, "postmaster.pid names it", confirmed=True)
         if facts.pidfile_names_live_postgres:
-            return Verdict(False, f"postmaster.pid names running postmaster {facts.pidfile.pid}")
-        if facts.binary is None:
-            return Verdict(False, "executable unreadable and postmaster.pid is stale")
+            return _no("locked", f"postmaster.pid names running postmaster {facts.pidfile.pid}")
+        if not judged:
+            return _no("stale-unjudged", f"{_unjudged(facts)} and postmaster.pid is stale")
         return Verdict(True, f"stale postmaster.pid (pid {facts.pidfile.pid} gone)")
-    if facts.binary is None:
-        # Without the executable, only the lock file can tell a postmaster from a renamed
-        # program: wait for PostgreSQL to write it (inotify and rescans come back).
-        return Verdict(False, "executable unreadable and postmaster.pid not written yet")
+    if not judged:
+        # Inotify and rescans come back when PostgreSQL writes the lock file.
+        return _no("unjudged", f"{_unjudged(facts)} and postmaster.pid not written yet")
+    # Accepting a process before its postmaster.pid exists is what protects a postmaster
+    # before it forks (a child forked earlier keeps the container's floor, FACTS), and it
+    # is safe: everything but the lock file is already proved — a server binary only root
+    # installed, run by the owner of a data directory a rule covers, with no live
+    # postmaster holding that directory. Such a process can only be started by that
+    # directory's owner, who can already make its real postmaster run any code it likes
+    # (its own postgresql.conf, LD_PRELOAD in its own environment): waiting for a file the
+    # owner could write itself would add latency and no protection. What stays out is
+    # everyone else: other users (not the owner), other directories (not covered), a
+    # second process on a locked directory, one-shot invocations and single-user backends.
     if facts.pidfile_state == "unreadable":
         return Verdict(
             True, "postgres binary, owner owns the data directory (postmaster.pid unreadable)"

@@ -12,6 +12,7 @@ of this is imported) with the same checks from watcher.limits.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,16 +76,30 @@ def _shown(value: object) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+# Every number is finite and bounded: `nan` compares false with everything (an interval of
+# nan made the loop spin, a timeout of nan never ended), and a day is longer than any
+# interval or timeout pgoom has a use for.
+MAX_SECONDS = 86400.0
+# SO_RCVBUF(FORCE) takes a C int; the kernel doubles it and caps it at INT_MAX.
+MAX_RCVBUF_BYTES = 2**31 - 1
+
+
 def _positive_seconds(value: float) -> str:
-    return "" if value > 0 else f"{_shown(value)} must be greater than 0 seconds"
+    if math.isfinite(value) and 0 < value <= MAX_SECONDS:
+        return ""
+    return f"{_shown(value)} must be greater than 0 and at most {MAX_SECONDS:g} seconds"
 
 
 def _not_negative_seconds(value: float) -> str:
-    return "" if value >= 0 else f"{_shown(value)} must be 0 or more seconds"
+    if math.isfinite(value) and 0 <= value <= MAX_SECONDS:
+        return ""
+    return f"{_shown(value)} must be from 0 to {MAX_SECONDS:g} seconds"
 
 
 def _positive_bytes(value: int) -> str:
-    return "" if value > 0 else f"{value} must be a positive number of bytes"
+    if 0 < value <= MAX_RCVBUF_BYTES:
+        return ""
+    return f"{value} must be from 1 to {MAX_RCVBUF_BYTES} bytes"
 
 
 def _one_of(choices: tuple[str, ...], fold: Callable[[str], str]) -> Callable[[str], str]:
@@ -98,9 +113,13 @@ def _one_of(choices: tuple[str, ...], fold: Callable[[str], str]) -> Callable[[s
 
 def _regex(value: str) -> str:
     try:
-        re.compile(value)
+        compiled = re.compile(value)
     except re.error as err:
         return f"{value!r} is not a valid regular expression: {err}"
+    if compiled.search("postgres -D /") is not None and compiled.search("") is not None:
+        # '' or '.*' is found in every data directory: a typo or an empty variable that
+        # would protect every postmaster on the host; --all says so on purpose.
+        return f"{value!r} matches every data directory: use --all to protect every postmaster"
     return ""
 
 
@@ -135,7 +154,7 @@ SCORE = Option(
 PATTERN: Option[Optional[list[str]]] = Option(
     "--pattern",
     None,
-    "Regex on the command line of a postmaster (repeatable). "
+    "Regex searched in 'postgres -D <resolved data directory>' (repeatable). "
     f"Env: PGOOM_PATTERN, one pattern per line. Default: {DEFAULT_PATTERN!r}.",
     env="PGOOM_PATTERN",
     separator="\n",
@@ -148,6 +167,28 @@ DATA_DIR: Option[Optional[list[str]]] = Option(
     env="PGOOM_DATA_DIR",
     separator=":",
     check=data_dir_problem,
+)
+
+
+def _binary_paths(value: object) -> str:
+    """Absolute paths, from the command line (one at a time) or the file (a list)."""
+    items = value if isinstance(value, list) else [value]
+    for item in items:
+        if not isinstance(item, str) or not item.startswith("/"):
+            return f"{item!r} must be an absolute path, such as /opt/pg16/bin/postgres"
+    return ""
+
+
+TRUSTED_BINARY: Option[Optional[list[str]]] = Option(
+    "--trusted-binary",
+    None,
+    "A server binary to trust although root does not own it and every directory above it, "
+    "as the postmaster sees the path (repeatable). Env: PGOOM_TRUSTED_BINARY, colon-separated.",
+    env="PGOOM_TRUSTED_BINARY",
+    key="trusted_binaries",
+    kinds=(list,),
+    separator=":",
+    check=_binary_paths,
 )
 INTERVAL = Option(
     "--interval",
@@ -270,6 +311,7 @@ WATCH: tuple[Option[Any], ...] = (
     SCORE,
     PATTERN,
     DATA_DIR,
+    TRUSTED_BINARY,
     INTERVAL,
     VERIFY_INTERVAL,
     CHILDREN_SCORE,

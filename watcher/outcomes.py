@@ -56,10 +56,12 @@ class OutcomeLog:
                     notice.target,
                 )
         elif isinstance(notice, Refused):
+            # Once per cause and uid, not per exec: another user can exec as often as it
+            # likes, and every field of the line is its text.
             self._log_once(
-                notice.pid,
-                notice.start,
-                notice.reason,
+                -1,
+                notice.uid,
+                notice.cause or notice.reason,
                 "info",
                 "not protecting pid {} ({}): {}",
                 notice.pid,

@@ -84,6 +84,12 @@ def status_uids(fields: dict[str, str]) -> tuple[int, int]:
     return int(uids[0]), int(uids[1])
 
 
+def status_all_uids(fields: dict[str, str]) -> tuple[int, ...]:
+    """(real, effective, saved, file-system) uids: a process that changed identity after
+    exec (a set-uid program, a saved uid kept to switch back) shows them apart."""
+    return tuple(int(u) for u in fields["Uid"].split())
+
+
 def capability_set(fields: dict[str, str], name: str) -> int:
     """A capability mask (CapEff, CapBnd, ...) from parsed status as an int."""
     return int(fields[name], 16)
@@ -109,27 +115,49 @@ class PidFile:
     port: Optional[int]
 
 
+# PostgreSQL's postmaster.pid is a few hundred bytes; the data directory's owner may put
+# anything there (binary, gigabytes), so root reads and parses only this much of it.
+PIDFILE_MAX_BYTES = 4096
+_PID_MAX_CHARS = 8  # pid_max is at most 2^22 (7 digits); a longer line 1 is no PID
+
+
+def _pid_line(text: str) -> Optional[int]:
+    """Line 1 of postmaster.pid as an int; None while incomplete or when it is no number."""
+    line, newline, _ = text[:PIDFILE_MAX_BYTES].partition("\n")
+    line = line.strip()
+    if not newline or not line or len(line) > _PID_MAX_CHARS:
+        return None
+    digits = line[1:] if line.startswith("-") else line
+    if not (digits.isascii() and digits.isdigit()):
+        return None
+    return int(line)
+
+
+def names_single_user_backend(text: str) -> bool:
+    """A single-user backend (`postgres --single`) writes its PID negated: it holds the
+    data directory but is no postmaster."""
+    pid = _pid_line(text)
+    return pid is not None and pid < 0
+
+
 def parse_postmaster_pid(text: str) -> Optional[PidFile]:
-    """Parse postmaster.pid; None while the file is empty or half-written.
+    """Parse postmaster.pid; None while the file is empty or half-written, and for anything
+    that is not one (binary content, a huge first line).
 
     Line 1 is the postmaster's PID (negative in single-user mode, which is no postmaster),
     line 2 the data directory, line 3 the start time (epoch seconds), line 4 the port.
     """
-    lines = text.split("\n")
-    if len(lines) < 2:  # line 1 must be complete (newline-terminated)
+    pid = _pid_line(text)
+    if pid is None or pid <= 0:
         return None
-    try:
-        pid = int(lines[0])
-    except ValueError:
-        return None
-    if pid <= 0:
-        return None
+    lines = text[:PIDFILE_MAX_BYTES].split("\n")
 
     def _int(index: int) -> Optional[int]:
         try:
-            return int(lines[index])
-        except (IndexError, ValueError):
+            value = lines[index].strip()
+        except IndexError:
             return None
+        return int(value) if value.isascii() and value.isdigit() and len(value) < 20 else None
 
     data_dir = lines[1] if len(lines) > 2 and lines[1] else None
     return PidFile(pid=pid, data_dir=data_dir, start_epoch=_int(2), port=_int(3))
@@ -139,12 +167,15 @@ def parse_oom_score_adj(text: str) -> int:
     return int(text.strip())
 
 
+def strip_deleted(exe: str) -> str:
+    """A /proc/<pid>/exe target without the ' (deleted)' the kernel appends when the
+    binary was replaced on disk (a package upgrade under a running server)."""
+    return exe[: -len(" (deleted)")] if exe.endswith(" (deleted)") else exe
+
+
 def binary_name(exe: str) -> str:
-    """Basename of a /proc/<pid>/exe target, without the ' (deleted)' the kernel appends
-    when the binary was replaced on disk (a package upgrade under a running server)."""
-    if exe.endswith(" (deleted)"):
-        exe = exe[: -len(" (deleted)")]
-    return os.path.basename(exe)
+    """Basename of a /proc/<pid>/exe target (see strip_deleted)."""
+    return os.path.basename(strip_deleted(exe))
 
 
 # Options after which postgres does not become a postmaster: it prints and exits, or runs a

@@ -21,10 +21,15 @@ from watcher.parse import (
     parse_oom_score_adj,
     parse_stat,
     parse_status,
+    status_all_uids,
+    status_fields,
 )
 
 _GONE = frozenset({errno.ENOENT, errno.ESRCH})
 _READ_BYTES = 65536
+# cmdline and environ are the process's own: as large as its stack allows (gigabytes with
+# an unlimited stack rlimit). Root reads at most this much of any /proc file.
+READ_MAX_BYTES = 1024 * 1024
 _DENIED = frozenset({errno.EACCES, errno.EPERM})
 
 
@@ -68,9 +73,11 @@ class ProcFS:
                 data = os.read(fd, _READ_BYTES)
                 if len(data) == _READ_BYTES:
                     chunks = [data]
-                    while chunk := os.read(fd, _READ_BYTES):
+                    total = len(data)
+                    while total < READ_MAX_BYTES and (chunk := os.read(fd, _READ_BYTES)):
                         chunks.append(chunk)
-                    data = b"".join(chunks)
+                        total += len(chunk)
+                    data = b"".join(chunks)[:READ_MAX_BYTES]
             finally:
                 os.close(fd)
         except OSError as err:
@@ -159,6 +166,54 @@ class ProcFS:
     def write_oom_score_adj(self, pid: int, value: int) -> None:
         with translate_errors(pid, "write oom_score_adj"):
             fd = os.open(self.path(pid, "oom_score_adj"), os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, str(value).encode())
+            finally:
+                os.close(fd)
+
+    @contextmanager
+    def process(self, pid: int) -> Iterator[Process]:
+        """/proc/<pid> held open: every read and the write through it reach this one
+        process. Once it exits, they fail (ESRCH) even if its PID is reused meanwhile —
+        what closes the window between the start-time check and the write."""
+        with translate_errors(pid, "open"):
+            fd = os.open(self.path(pid), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            yield Process(pid, fd)
+        finally:
+            os.close(fd)
+
+
+class Process:
+    """One process's /proc directory, open (ProcFS.process)."""
+
+    def __init__(self, pid: int, dirfd: int) -> None:
+        self.pid = pid
+        self._dirfd = dirfd
+
+    def read_text(self, name: str) -> str:
+        with translate_errors(self.pid, name):
+            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._dirfd)
+            try:
+                data = os.read(fd, _READ_BYTES)
+            finally:
+                os.close(fd)
+        if not data.strip():
+            raise ProcessGone(f"pid {self.pid} is gone (empty {name})")
+        return data.decode("utf-8", "surrogateescape")
+
+    def stat(self) -> Stat:
+        return parse_stat(self.read_text("stat"))
+
+    def uids(self) -> tuple[int, ...]:
+        return status_all_uids(status_fields(self.read_text("status"), "Uid"))
+
+    def oom_score_adj(self) -> int:
+        return parse_oom_score_adj(self.read_text("oom_score_adj"))
+
+    def write_oom_score_adj(self, value: int) -> None:
+        with translate_errors(self.pid, "write oom_score_adj"):
+            fd = os.open("oom_score_adj", os.O_WRONLY | os.O_CLOEXEC, dir_fd=self._dirfd)
             try:
                 os.write(fd, str(value).encode())
             finally:

@@ -1,5 +1,6 @@
-"""A program copied to a file named postgres, run by the data directory's owner with
-`-D <data dir>`, passes every check but the binary's content: it must stay unprotected."""
+"""A program copied to a file named postgres in a root-owned directory, run by the data
+directory's owner with `-D <data dir>`, passes every check but the binary's content: it must
+stay unprotected."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ pytestmark = pytest.mark.root
 @pytest.fixture
 def lookalike() -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     uid, gid = ensure_pg_user()
-    bindir = tempfile.mkdtemp(prefix="pgoom-lookalike-")
+    # A directory only root can write: the path is trusted, so the content decides.
+    bindir = tempfile.mkdtemp(prefix="pgoom-lookalike-", dir="/var/lib")
     os.chmod(bindir, 0o755)
     fake = os.path.join(bindir, "postgres")
     shutil.copy("/usr/bin/perl", fake)  # runs from anywhere, ignores the arguments after -e

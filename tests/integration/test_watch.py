@@ -177,15 +177,28 @@ def test_look_alikes_stay_untouched(
     data_dir = cluster.data_dir
     tmp = tempfile.mkdtemp(prefix="pgoom-lookalike-")
     os.chmod(tmp, 0o755)
+    trusted = tmp
     procs: dict[str, subprocess.Popen[bytes]] = {}
     fds: list[int] = []
     try:
-        watcher = start_watcher(watchers, *source_args(source), "--score", "0", *own_rules(cluster))
-        # (a) sleep whose argv claims to be `postgres -D <dir>`.
-        procs["sleep"] = subprocess.Popen(
-            [f"postgres -D {data_dir}", "300"], executable="/bin/sleep", preexec_fn=at_1000()
+        # DEBUG: a refusal is logged at info once per cause and uid, again at debug.
+        watcher = start_watcher(
+            watchers,
+            *source_args(source),
+            "--score",
+            "0",
+            "--log-level",
+            "DEBUG",
+            *own_rules(cluster),
         )
-        # (b), (c) scripts called postgres: the kernel runs their interpreter.
+        # (a) perl whose argv claims to be `postgres -D <dir>`.
+        procs["sleep"] = subprocess.Popen(
+            ["postgres", "-e", "sleep 300", "-D", data_dir],
+            executable="/usr/bin/perl",
+            preexec_fn=at_1000(),
+        )
+        # (b), (c) scripts called postgres: the kernel runs their interpreter, whose argv
+        # (`/bin/sh .../postgres -D <dir>`) is not even worth a look: untouched, no line.
         for name, body in (("sh", "#!/bin/sh\nread x\n"), ("py", "#!/usr/bin/python3\ninput()\n")):
             os.makedirs(f"{tmp}/{name}")
             script = f"{tmp}/{name}/postgres"
@@ -195,12 +208,15 @@ def test_look_alikes_stay_untouched(
             procs[name] = subprocess.Popen(
                 [script, "-D", data_dir], stdin=subprocess.PIPE, preexec_fn=at_1000()
             )
-        # (d) a copy of sleep that really is called postgres, run by root with PGDATA set:
-        # the binary's name passes, its content (no PostmasterMain) does not.
-        shutil.copy("/bin/sleep", f"{tmp}/postgres")
+        # (d) a copy of sleep that really is called postgres, run by root with PGDATA set,
+        # in a directory only root can write: the binary's name and path pass, its content
+        # (no PostmasterMain) does not.
+        trusted = tempfile.mkdtemp(prefix="pgoom-lookalike-", dir="/var/lib")
+        os.chmod(trusted, 0o755)
+        shutil.copy("/bin/sleep", f"{trusted}/postgres")
         procs["copy"] = subprocess.Popen(
-            [f"postgres -D {data_dir}", "300"],
-            executable=f"{tmp}/postgres",
+            ["postgres", "300"],
+            executable=f"{trusted}/postgres",
             env={"PGDATA": data_dir},
             preexec_fn=at_1000(),
         )
@@ -221,9 +237,7 @@ def test_look_alikes_stay_untouched(
             f.write(f"{procs['sleep'].pid}\n{data_dir}\n")
 
         reasons = {
-            "sleep": "executable is sleep, not postgres",
-            "sh": "executable is dash, not postgres",
-            "py": "executable is python3",
+            "sleep": "executable is perl, not postgres",
             "copy": "executable postgres is not a PostgreSQL server binary",
             "uid": f"belongs to uid 26, the process runs as uid {NOBODY}",
         }
@@ -245,6 +259,7 @@ def test_look_alikes_stay_untouched(
         for fd in fds:
             os.close(fd)
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(trusted, ignore_errors=True)
         try:
             os.unlink(f"{data_dir}/postmaster.pid")
         except FileNotFoundError:

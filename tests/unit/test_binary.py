@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,44 @@ def test_verdicts_are_cached_per_inode_and_change_with_the_file(tmp_path: Path) 
     fake.write_bytes(b"\x7fELF" + b"\0" * 64 + b"\0PostmasterMain\0")
     os.utime(fake, ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000))
     assert is_postgres_server(str(fake)) is True
+
+
+# --- trust by ownership (issue 9, item 2) --------------------------------------------------
+
+
+@pytest.mark.skipif(not SERVERS, reason="no PostgreSQL server installed")
+def test_the_packaged_server_is_trusted_by_its_root_owned_path() -> None:
+    verdict = binary.judge(SERVERS[-1], "", SERVERS[-1])
+    assert verdict.trusted is True and verdict.server is True
+
+
+def test_a_server_in_a_directory_others_can_write_is_not_trusted(tmp_path: Path) -> None:
+    # tmp_path is below /tmp (sticky, world-writable): anyone could have put it there.
+    fake = tmp_path / "postgres"
+    fake.write_bytes(b"\x7fELF" + b"\0PostmasterMain\0")
+    verdict = binary.judge(str(fake), "", str(fake))
+    assert verdict.trusted is False and verdict.server is True
+    assert "writable by group or others" in verdict.reason or "not root" in verdict.reason
+
+
+def test_a_listed_binary_is_trusted_wherever_it_lives(tmp_path: Path) -> None:
+    fake = tmp_path / "postgres"
+    fake.write_bytes(b"\x7fELF" + b"\0PostmasterMain\0")
+    assert binary.judge(str(fake), "", str(fake), trusted_paths={str(fake)}).trusted is True
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="files of another uid need root")
+def test_a_root_path_holding_a_file_of_another_user_is_not_trusted(tmp_path: Path) -> None:
+    root_dir = Path(tempfile.mkdtemp(prefix="pgoom-trust-", dir="/var/tmp"))
+    try:
+        os.chmod(root_dir, 0o755)
+        fake = root_dir / "postgres"
+        fake.write_bytes(b"\x7fELF" + b"\0PostmasterMain\0")
+        os.chown(fake, 26, 26)
+        verdict = binary.judge(str(fake), "", str(fake))
+        assert verdict.trusted is False and "belongs to uid 26" in verdict.reason
+        os.chown(fake, 0, 0)
+        os.chmod(fake, 0o775)
+        assert "writable by group" in binary.judge(str(fake), "", str(fake)).reason
+    finally:
+        shutil.rmtree(root_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -117,7 +118,8 @@ def test_stale_pidfile_is_accepted(tree: FakeProc) -> None:
     tree.data_dir(sample.data_dir, pidfile_text(31999, sample.data_dir))  # no such pid
     facts = inspect(tree.procfs, sample.pid)
     assert not facts.pidfile_names_live_postgres
-    verdict = confirm(facts)
+    assert not confirm(facts).ok  # a fake tree's executable cannot be judged: lock file only
+    verdict = confirm(dataclasses.replace(facts, binary_trusted=True))
     assert verdict.ok and not verdict.confirmed
     assert "stale" in verdict.reason
 
@@ -127,7 +129,9 @@ def test_pidfile_naming_a_live_non_postgres_process_is_stale(tree: FakeProc) -> 
     other = tree.install("hostile_paren")
     assert sample.data_dir is not None
     tree.data_dir(sample.data_dir, pidfile_text(other.pid, sample.data_dir))
-    assert confirm(inspect(tree.procfs, sample.pid)).ok
+    facts = inspect(tree.procfs, sample.pid)
+    assert not facts.pidfile_names_live_postgres
+    assert confirm(dataclasses.replace(facts, binary_trusted=True)).ok
 
 
 def test_missing_or_half_written_pidfile(tree: FakeProc) -> None:
@@ -309,3 +313,89 @@ def test_a_copy_named_postgres_is_checked_by_content(tree: FakeProc, tmp_path: P
     assert confirm(facts).reason == "executable postgres is not a PostgreSQL server binary"
     fake.write_bytes(b"\x7fELF ...\0PostmasterMain\0...")  # new size: a new cache key
     assert confirm(inspect(tree.procfs, sample.pid)).confirmed
+
+
+# --- the data directory as the process will lock it (issue 9, item 1) ----------------------
+
+
+def test_dotdot_out_of_a_covered_dir_resolves_to_where_it_leads(tree: FakeProc) -> None:
+    tree.data_dir("/pgdata/pg", mode=0o755)
+    tree.data_dir("/tmp/evil")
+    sample = tree.install(
+        "postmaster", uid=ME, argv=["postgres", "-D", "/pgdata/pg/../../tmp/evil"]
+    )
+    assert inspect(tree.procfs, sample.pid).data_dir == "/tmp/evil"
+
+
+def test_a_symlinked_data_dir_resolves_inside_the_processes_root(tree: FakeProc) -> None:
+    # An absolute link target is the container's path, not the host's.
+    tree.data_dir("/volume/pg16", pidfile="")
+    tree.data_dir("/pgdata", mode=0o755)
+    (tree.rootfs / "pgdata" / "pg16").symlink_to("/volume/pg16")
+    sample = tree.install("postmaster", uid=ME, argv=["postgres", "-D", "/pgdata/pg16"])
+    facts = inspect(tree.procfs, sample.pid)
+    assert facts.data_dir == "/volume/pg16"
+    assert facts.data_dir_uid == ME
+
+
+@pytest.mark.parametrize("replacement", ["file", "dangling link", "link loop", "fifo"])
+def test_a_data_dir_replaced_by_something_else_is_not_located(
+    tree: FakeProc, replacement: str, alarm: None
+) -> None:
+    tree.data_dir("/pgdata", mode=0o755)
+    where = tree.rootfs / "pgdata" / "pg16"
+    if replacement == "file":
+        where.write_text("not a directory\n")
+    elif replacement == "dangling link":
+        where.symlink_to("/nowhere")
+    elif replacement == "link loop":
+        where.symlink_to("/pgdata/pg16")
+    else:
+        os.mkfifo(where)
+    sample = tree.install("postmaster", uid=ME, argv=["postgres", "-D", "/pgdata/pg16"])
+    facts = inspect(tree.procfs, sample.pid)
+    assert facts.data_dir_uid is None
+    assert not confirm(facts).ok
+
+
+def test_a_fifo_as_postmaster_pid_or_postgresql_conf_never_blocks(
+    tree: FakeProc, alarm: None
+) -> None:
+    # The owner of the directory plants FIFOs where root reads: an open() without
+    # O_NONBLOCK would hang the watcher until a writer came.
+    config = tree.data_dir("/etc/pg/main")
+    os.mkfifo(config / "postgresql.conf")
+    data = tree.data_dir("/pgdata/pg16")
+    os.mkfifo(data / "postmaster.pid")
+    for argv in (["postgres", "-D", "/etc/pg/main"], ["postgres", "-D", "/pgdata/pg16"]):
+        sample = tree.install("postmaster", uid=ME, argv=argv)
+        facts = inspect(tree.procfs, sample.pid)
+        assert facts.pidfile is None
+        tree.remove(sample.pid)
+
+
+def test_a_process_whose_uids_differ_is_not_a_postmaster(tree: FakeProc) -> None:
+    pid, _ = running_postmaster(tree)
+    status = tree.proc / str(pid) / "status"
+    status.write_text(
+        "\n".join(
+            f"Uid:\t{ME}\t{ME}\t{OTHER}\t{ME}" if line.startswith("Uid:") else line
+            for line in status.read_text().splitlines()
+        )
+        + "\n"
+    )
+    verdict = confirm(inspect(tree.procfs, pid))
+    assert not verdict.ok and verdict.cause == "uids"
+
+
+def test_a_huge_cmdline_or_environ_is_read_bounded(tree: FakeProc) -> None:
+    # argv and environment are the process's own, as large as its stack rlimit allows.
+    from watcher.procfs import READ_MAX_BYTES
+
+    sample = tree.install("postmaster", uid=ME)
+    huge = b"postgres\0-D\0/pgdata/pg16\0" + b"x" * (3 * READ_MAX_BYTES) + b"\0"
+    (tree.proc / str(sample.pid) / "cmdline").write_bytes(huge)
+    (tree.proc / str(sample.pid) / "environ").write_bytes(b"A=" + b"y" * (3 * READ_MAX_BYTES))
+    assert len(tree.procfs.read_bytes(sample.pid, "cmdline")) == READ_MAX_BYTES
+    assert len(tree.procfs.environ(sample.pid)) == READ_MAX_BYTES
+    assert tree.procfs.cmdline(sample.pid)[:3] == ["postgres", "-D", "/pgdata/pg16"]

@@ -129,3 +129,75 @@ def test_setup_logging_json_lines(tmp_path: Path) -> None:
     record = json.loads(path.read_text().splitlines()[-1])
     assert record["record"]["extra"]["pid"] == 42
     assert "protected postmaster pid=42" in record["text"]
+
+
+# --- attacks on the log in a world-writable directory (issue 9, items 5 and 6) ----------
+
+
+def _write_many(sink: SafeFileSink, count: int, size: int = 50) -> None:
+    for i in range(count):
+        sink.write(f"{i:05d} " + "x" * (size - 7) + "\n")
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="files of another uid need root")
+def test_rotation_among_names_another_user_planted_never_fails_nor_touches_them(
+    tmp_path: Path,
+) -> None:
+    # As nobody in /tmp: log.2 a file of nobody's, log.3 a directory. On main the rotation
+    # closed its fd, failed on the rename and the watcher died.
+    os.chmod(tmp_path, 0o1777)
+    path = tmp_path / "w.log"
+    theirs = tmp_path / "w.log.2"
+    theirs.write_text("nobody's\n")
+    os.chown(theirs, 65534, 65534)
+    (tmp_path / "w.log.3").mkdir()
+    os.chown(tmp_path / "w.log.3", 65534, 65534)
+    max_bytes, backups = 500, 3
+    sink = SafeFileSink(str(path), max_bytes=max_bytes, backups=backups)
+    _write_many(sink, 400)
+    sink.write("the last line\n")
+    sink.close()
+    assert theirs.read_text() == "nobody's\n"
+    assert os.stat(theirs).st_uid == 65534
+    assert (tmp_path / "w.log.3").is_dir() and not any((tmp_path / "w.log.3").iterdir())
+    ours = [f for f in tmp_path.iterdir() if f.is_file() and f.stat().st_uid == 0]
+    assert sum(f.stat().st_size for f in ours) <= (backups + 1) * max_bytes
+    assert path.read_text().endswith("the last line\n")
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="files of another uid need root")
+def test_rotation_when_another_user_takes_the_first_backup_name_keeps_the_bound(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "w.log"
+    planted = tmp_path / "w.log.1"
+    planted.symlink_to("/etc/passwd")
+    os.lchown(planted, 65534, 65534)
+    sink = SafeFileSink(str(path), max_bytes=300, backups=2)
+    _write_many(sink, 100)
+    sink.close()
+    assert planted.is_symlink() and os.readlink(planted) == "/etc/passwd"
+    assert path.stat().st_size <= 300
+
+
+def test_a_write_that_fails_costs_the_line_not_the_watcher(tmp_path: Path) -> None:
+    sink = SafeFileSink(str(tmp_path / "log"))
+    os.close(sink._fd)  # as if the descriptor had been closed under the sink
+    sink.write("lost\n")  # no exception
+    sink.close()
+    sink.close()  # and closing twice never closes a number reused by someone else
+
+
+def test_a_newline_in_a_message_cannot_forge_a_log_line(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    sink = setup_logging(str(path))
+    assert sink is not None
+    argv = "postgres -D /x\n2026-01-01T00:00:00.000+00:00 INFO    pgoom[1] protected postmaster"
+    logger.info("not protecting pid 1 ({})", argv)
+    long_path = "/tmp/" + "a" * 120_000
+    logger.info("data dir {}", long_path)
+    sink.close()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2
+    assert "\\n2026-01-01" in lines[0]
+    assert len(lines[1]) < 5000 and "chars)" in lines[1]

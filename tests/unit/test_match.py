@@ -43,6 +43,7 @@ def postmaster_facts(**changes: object) -> Facts:
         data_dir_uid=26,
         pidfile=parse_postmaster_pid(sample.pidfile),
         pidfile_state="ok",
+        binary_trusted=True,
     )
     return dataclasses.replace(facts, **changes)  # type: ignore[arg-type]
 
@@ -67,9 +68,40 @@ def test_children_kernel_threads_and_zombies_are_skipped(name: str) -> None:
     assert might_be_postmaster(argv_of(name), rules) is None
 
 
-def test_script_called_postgres_passes_the_first_look() -> None:
-    # "/bin/sh /tmp/x/postgres -D /pgdata/pg16": the pattern matches; confirm() must reject.
-    assert might_be_postmaster(argv_of("script_postgres"), [DEFAULT_RULE]) is DEFAULT_RULE
+def test_a_wrapper_whose_argv_spells_the_pattern_is_not_worth_a_look() -> None:
+    # "/bin/sh /tmp/x/postgres -D /pgdata/pg16", `setsid bash -c '... postgres -D
+    # /pgdata/pg'`, `env ... postgres`: not postgres themselves; the exec of postgres that
+    # follows is looked at instead, and none of these costs an info line.
+    rules = [DEFAULT_RULE]
+    assert might_be_postmaster(argv_of("script_postgres"), rules) is None
+    assert might_be_postmaster(["setsid", "bash", "-c", "postgres -D /pgdata/pg"], rules) is None
+    assert might_be_postmaster(["env", "A=1", "postgres", "-D", "/pgdata/pg16"], rules) is None
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["postgres", "-D", "/pgdata/pg/../../tmp/evil"],
+        ["postgres", "-D", "/pgdata/pg16/base"],
+        ["postgres", "-D", "/tmp/evil", "-c", "cluster_name=postgres -D /pgdata/pg16"],
+        ["postgres", "-c", "x=postgres -D /pgdata/pg16"],
+        ["postgres", "-D", "/pgdata/pg16", "-C", "data_directory"],
+        ["postgres", "--single", "-D", "/pgdata/pg16"],
+        ["postgres", "--describe-config", "-D", "/pgdata/pg16"],
+    ],
+)
+def test_argv_that_merely_spells_the_default_pattern_is_not_covered(argv: list[str]) -> None:
+    # Issue 9, item 1: the pattern was searched in the raw command line.
+    assert might_be_postmaster(argv, [DEFAULT_RULE]) is None
+
+
+def test_default_rule_covers_clusters_directly_under_pgdata() -> None:
+    assert DEFAULT_RULE.covers("/pgdata/pg16")
+    assert DEFAULT_RULE.covers("/pgdata/pg")
+    assert not DEFAULT_RULE.covers("/pgdata/pg16/base")
+    assert not DEFAULT_RULE.covers("/tmp/evil")
+    assert not DEFAULT_RULE.covers("/srv/pgdata/pg16")
+    assert not DEFAULT_RULE.covers(None)
 
 
 def test_rules_without_a_pattern_need_a_binary_called_postgres() -> None:
@@ -89,10 +121,10 @@ def test_first_matching_rule_wins() -> None:
 
 def test_rule_matches_and_names() -> None:
     by_dir = Rule(score=0, data_dir="/pgdata/pg16/")
-    assert by_dir.matches("postgres", "/pgdata/pg16")
-    assert not by_dir.matches("postgres", "/pgdata/pg15")
-    assert not by_dir.matches("postgres", None)
-    assert Rule(score=0).matches("anything", None)
+    assert by_dir.covers("/pgdata/pg16")
+    assert not by_dir.covers("/pgdata/pg15")
+    assert not by_dir.covers(None)
+    assert Rule(score=0).covers(None)
     assert DEFAULT_RULE.name == f"pattern {DEFAULT_PATTERN!r}"
     assert by_dir.name == "data dir /pgdata/pg16/"
     assert Rule(score=0).name == "all postmasters"

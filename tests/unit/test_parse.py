@@ -13,6 +13,7 @@ from watcher.parse import (
     environ_value,
     has_capability,
     is_server_invocation,
+    names_single_user_backend,
     parse_cmdline,
     parse_oom_score_adj,
     parse_postmaster_pid,
@@ -239,3 +240,31 @@ def test_is_server_invocation(argv: list[str], server: bool) -> None:
 )
 def test_binary_name(exe: str, name: str) -> None:
     assert binary_name(exe) == name
+
+
+# --- hostile postmaster.pid (issue 9: huge or binary files in the owner's directory) -------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "9" * 100_000 + "\n/pgdata/pg16\n",  # int() of it would take seconds on 3.9
+        "\x00\x01\x02\n\xff\xfe\n",
+        "\u0661\u0662\u0663\n/pgdata/pg16\n",  # Arabic-Indic digits: int() accepts them
+        " 12 34\n/pgdata/pg16\n",
+        "0\n/pgdata/pg16\n",
+    ],
+)
+def test_a_postmaster_pid_that_is_no_lock_file_names_no_pid(text: str) -> None:
+    assert parse_postmaster_pid(text) is None
+    assert not names_single_user_backend(text)
+
+
+def test_a_huge_postmaster_pid_is_parsed_from_its_first_bytes_only() -> None:
+    parsed = parse_postmaster_pid("4242\n/pgdata/pg16\n" + "x" * 10_000_000)
+    assert parsed is not None and parsed.pid == 4242 and parsed.data_dir == "/pgdata/pg16"
+
+
+def test_a_single_user_backend_writes_its_pid_negated() -> None:
+    assert parse_postmaster_pid("-4242\n/pgdata/pg16\n") is None
+    assert names_single_user_backend("-4242\n/pgdata/pg16\n")

@@ -23,6 +23,9 @@ def tree(tmp_path: Path) -> FakeProc:
     return FakeProc(tmp_path)
 
 
+PG = "/usr/lib/postgresql/15/bin/postgres"
+
+
 def postmaster(tree: FakeProc, adj: int, name: str = "postmaster", **kw: object) -> int:
     kw.setdefault("uid", ME)
     sample = tree.install(name, **kw)  # type: ignore[arg-type]
@@ -133,15 +136,29 @@ def test_pattern_narrows_to_one_cluster(tree: FakeProc) -> None:
 
 def test_fallback_finds_a_postmaster_the_default_pattern_misses(tree: FakeProc) -> None:
     # As watch does: with the default pattern matching nothing, the parent of postgres
-    # processes. `-D<dir>` without a space is a postmaster the default pattern misses.
-    argv = ["/usr/lib/postgresql/15/bin/postgres", "-D/pgdata/pgtf33d918b"]
+    # processes. A cluster outside /pgdata/pg* is one the default pattern misses.
+    sample = tree.install("postmaster", uid=ME, argv=[PG, "-D/srv/main"])
+    tree.data_dir("/srv/main", pidfile=pidfile_text(sample.pid, "/srv/main"))
+    set_adj(tree, sample.pid, 0)
+    tree.install("backend", uid=ME)
+    code, text = verify(tree, as_json=True)
+    assert code == EXIT_OK
+    doc = json.loads(text)
+    assert [p["pid"] for p in doc["postmasters"]] == [sample.pid]
+    assert doc["postmasters"][0]["how"].startswith("fallback: ")
+
+
+def test_default_pattern_covers_the_resolved_directory_however_spelled(tree: FakeProc) -> None:
+    # `-D<dir>` without a space (and `/./`, `//`) is still /pgdata/pg...: the rule is
+    # decided on the resolved directory, not on how argv spells it.
+    argv = [PG, "-D//pgdata/./pgtf33d918b"]
     pid = postmaster(tree, adj=0, argv=argv)
     tree.install("backend", uid=ME)
     code, text = verify(tree, as_json=True)
     assert code == EXIT_OK
     doc = json.loads(text)
     assert [p["pid"] for p in doc["postmasters"]] == [pid]
-    assert doc["postmasters"][0]["how"].startswith("fallback: ")
+    assert doc["postmasters"][0]["how"].startswith("pattern ")
 
 
 def test_no_fallback_once_a_pattern_is_given(tree: FakeProc) -> None:
@@ -176,7 +193,7 @@ def test_json_document(tree: FakeProc) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"timeout_s": -1.0}, "--timeout -1 must be 0 or more"),
+        ({"timeout_s": -1.0}, "--timeout -1 must be from 0 to 86400 seconds"),
         ({"score": -1001}, "--score -1001 is out of range"),
         ({"patterns": ["("]}, "is not a valid regular expression"),
         ({"data_dirs": ["relative/dir"]}, "must be an absolute path"),

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from watcher.adjust import Adjuster, Outcome
-from watcher.errors import AccessDenied, NotPostmaster, ProcessGone
+from watcher.errors import AccessDenied, NotPostmaster, ProcessGone, UsageError
 from watcher.identity import inspect
+from watcher.limits import PID_MAX
 from watcher.match import confirm, validate_score
 from watcher.procfs import ProcFS
 
 
 def adjust_once(pid: int, score: int, force: bool = False, procfs: ProcFS | None = None) -> str:
     validate_score(score)
+    if not 0 < pid <= PID_MAX:
+        raise UsageError(f"pid {pid} is not a process id: give one from 1 to {PID_MAX}")
     procfs = procfs or ProcFS()
     try:
         stat = procfs.stat(pid)

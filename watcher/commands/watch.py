@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Optional
 
 from loguru import logger
@@ -13,7 +14,7 @@ from watcher.config import Settings
 from watcher.discover import discover
 from watcher.engine import Engine
 from watcher.errors import PgoomError
-from watcher.logs import setup_logging
+from watcher.logs import SafeFileSink, setup_logging
 from watcher.procfs import ProcFS
 from watcher.sources.choose import open_source
 
@@ -22,7 +23,7 @@ def discover_data_dirs(settings: Settings, procfs: ProcFS) -> list[str]:
     """Data directories of verified postmasters running now (for inotify without
     --data-dir)."""
     found: list[str] = []
-    for finding in discover(procfs, settings.rules, fallback=False):
+    for finding in discover(procfs, settings.rules, False, settings.trusted_binaries):
         data_dir = finding.facts.data_dir
         if finding.protectable and data_dir and data_dir not in found:
             found.append(data_dir)
@@ -54,13 +55,80 @@ def use_realtime_priority() -> None:
         logger.info("running at SCHED_FIFO priority 1 (--realtime)")
 
 
+# What a re-read configuration can change in a running watcher; the rest (the source and
+# its buffer, the log file and format, the /proc root, real-time priority, metrics) is
+# fixed when the watcher starts.
+LIVE_FIELDS = (
+    "rules",
+    "data_dirs",
+    "interval_s",
+    "verify_interval_s",
+    "dry_run",
+    "fallback",
+    "trusted_binaries",
+)
+
+
+def changes(old: Settings, new: Settings) -> tuple[list[str], list[str]]:
+    """(what changed and takes effect now, what changed and needs a restart), for the log."""
+    live: list[str] = []
+    later: list[str] = []
+    for field in dataclasses.fields(Settings):
+        before, after = getattr(old, field.name), getattr(new, field.name)
+        if before == after:
+            continue
+        if field.name == "rules":
+            text = "rules: " + "; ".join(f"{r.name} at {r.score}" for r in after)
+        else:
+            text = f"{field.name}: {before!r} -> {after!r}"
+        (live if field.name in LIVE_FIELDS else later).append(text)
+    return live, later
+
+
+def hangup_handler(
+    settings: Settings, sink: Optional[SafeFileSink], reread: Optional[Callable[[], Settings]]
+) -> Callable[[], Optional[Settings]]:
+    """SIGHUP, as daemons do it: reopen the log file (after logrotate moved it), re-read the
+    configuration file and say what changed. A configuration that no longer parses keeps
+    the running one, with the error."""
+    current = settings
+
+    def on_hangup() -> Optional[Settings]:
+        nonlocal current
+        if sink is not None:
+            sink.reopen()
+        logger.info("SIGHUP: log file reopened" if sink is not None else "SIGHUP received")
+        if reread is None:
+            return None
+        try:
+            new = reread()
+        except PgoomError as err:
+            logger.warning("SIGHUP: configuration not re-read, keeping the running one: {}", err)
+            return None
+        live, later = changes(current, new)
+        if not live and not later:
+            logger.info("SIGHUP: configuration re-read, nothing changed")
+            return None
+        for text in live:
+            logger.info("SIGHUP: configuration changed: {}", text)
+        for text in later:
+            logger.warning("SIGHUP: {} changed, takes effect at the next start", text)
+        current = dataclasses.replace(current, **{name: getattr(new, name) for name in LIVE_FIELDS})
+        return current
+
+    return on_hangup
+
+
 def run_watch(
-    settings: Settings, metrics_address: Optional[str] = None, notes: Sequence[str] = ()
+    settings: Settings,
+    metrics_address: Optional[str] = None,
+    notes: Sequence[str] = (),
+    reread: Optional[Callable[[], Settings]] = None,
 ) -> None:
     """Log, subscribe, attach the listeners (systemd notification, metrics), run until
     SIGTERM/SIGINT. Listeners are attached before the first scan, so READY=1 and the
-    metrics see everything from the start."""
-    setup_logging(settings.log_file, settings.log_json, settings.log_level)
+    metrics see everything from the start. SIGHUP: hangup_handler."""
+    sink = setup_logging(settings.log_file, settings.log_json, settings.log_level)
     for note in notes:
         logger.info("{}", note)
     if settings.dry_run:
@@ -78,6 +146,7 @@ def run_watch(
             shown = f"[{host}]" if ":" in host else host
             logger.info("metrics on http://{}:{}/metrics", shown, port)
         engine = build_engine(settings)
+        engine.on_hangup = hangup_handler(settings, sink, reread)
         if notifier.enabled:
             engine.listeners.append(notifier)
         if metrics is not None:

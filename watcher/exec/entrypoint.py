@@ -72,7 +72,7 @@ the monitor (`pgoom watch`), switch to the user and exec CMD (it keeps this PID)
 
 Root-only steps (score, monitor, user switch) are skipped when not root.
 Exit: CMD's own status; 127 CMD not found, 126 not executable, 2 bad usage,
-4 the user switch was refused.
+4 the user switch was refused (or, not as root, --user names another user).
 """
 
 
@@ -85,6 +85,7 @@ class Options:
 
     def __init__(self) -> None:
         self.user = DEFAULT_USER
+        self.user_given = False  # --user or PGOOM_USER: as non-root, a differing one is refused
         self.score = DEFAULT_SCORE
         self.children_score = DEFAULT_CHILDREN_SCORE
         self.children_score_given = False
@@ -94,9 +95,21 @@ class Options:
         self.command: list[str] = []
 
 
+def say(message: str) -> None:
+    """One `pgoom:` line on stderr. A closed or broken stderr costs the line, never CMD's
+    start (sys.stderr is None when fd 2 was closed before Python started)."""
+    stream = sys.stderr
+    if stream is None:
+        return
+    try:
+        stream.write(f"pgoom: {message}\n")
+        stream.flush()
+    except (OSError, ValueError):
+        pass
+
+
 def warn(message: str) -> None:
-    sys.stderr.write(f"pgoom: warning: {message}\n")
-    sys.stderr.flush()
+    say(f"warning: {message}")
 
 
 def _score(text: str, option: str) -> int:
@@ -122,6 +135,7 @@ def parse_args(argv: list[str], env: dict[str, str]) -> Options:
     own); the environment gives the defaults, the command line wins."""
     opts = Options()
     opts.user = env.get("PGOOM_USER") or DEFAULT_USER
+    opts.user_given = bool(env.get("PGOOM_USER"))
     if env.get("PGOOM_SCORE"):
         opts.score = _score(env["PGOOM_SCORE"], "PGOOM_SCORE")
     if env.get("PGOOM_CHILDREN_SCORE"):
@@ -156,6 +170,7 @@ def parse_args(argv: list[str], env: dict[str, str]) -> Options:
             value = argv[index]
         if name == "--user":
             opts.user = value
+            opts.user_given = True
         elif name == "--score":
             opts.score = _score(value, name)
         elif name == "--children-score":
@@ -177,6 +192,8 @@ def parse_args(argv: list[str], env: dict[str, str]) -> Options:
     opts.command = argv[index:]
     if not opts.command:
         raise Usage("no command given: pgoom exec [OPTIONS] -- CMD [ARGS...]")
+    if not opts.command[0]:
+        raise Usage("the command is empty (''): give the program to run, e.g. -- patroni")
     return opts
 
 
@@ -240,49 +257,121 @@ def switch_to(account: Account) -> None:
 
 
 def exec_command(command: list[str]) -> int:
-    """Replace this process with CMD. Returns only on failure, with tini's codes."""
+    """Replace this process with CMD. Returns only on failure, with tini's codes.
+
+    The PATH search is ours, not os.execvp's: that one imports `warnings` lazily, after the
+    user switch, and an interpreter the new user cannot read (a venv under /root) then
+    fails with ModuleNotFoundError instead of running CMD. Nothing here imports anything."""
     # Python ignores SIGPIPE and SIGXFSZ; an ignored disposition survives exec and would
     # change how CMD behaves (a shell pipeline would no longer end on EPIPE).
     for signo in (signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(signo, signal.SIG_DFL)
     os.environ[WRAPPED_ENV] = "1"
-    sys.stdout.flush()
-    sys.stderr.flush()
-    try:
-        os.execvp(command[0], command)
-    except (FileNotFoundError, NotADirectoryError):
-        sys.stderr.write(f"pgoom: {command[0]}: command not found\n")
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    name = command[0]
+    search = os.environ.get("PATH") or "/usr/local/bin:/usr/bin:/bin"
+    directories = [""] if "/" in name else [d or "." for d in search.split(":")]
+    # As execvp: a name that is missing in one directory is looked for in the next; the
+    # first other error (EACCES, ENOEXEC) is what is reported if nothing runs. A directory
+    # the user may not search (root's PATH kept after the switch to uid 26) holds nothing
+    # for it: not found there, as a shell would say.
+    first_error: OSError | None = None
+    for directory in directories:
+        path = f"{directory}/{name}" if directory else name
+        try:
+            os.execve(path, command, os.environ)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except PermissionError as err:
+            if directory and not os.access(directory, os.X_OK):
+                continue
+            first_error = first_error or err
+        except OSError as err:
+            first_error = first_error or err
+    if first_error is None:
+        say(f"{name}: command not found")
         return EXIT_COMMAND_NOT_FOUND
-    except OSError as err:
-        sys.stderr.write(f"pgoom: {command[0]}: cannot execute: {err.strerror}\n")
-        return EXIT_CANNOT_EXECUTE
-    return EXIT_CANNOT_EXECUTE  # not reached: execvp returns only by raising
+    say(f"{name}: cannot execute: {first_error.strerror}")
+    return EXIT_CANNOT_EXECUTE
+
+
+class Progress:
+    """How far main() got: what the top-level guard may still do after an unexpected
+    error."""
+
+    def __init__(self) -> None:
+        self.opts: Options | None = None
+        self.account: Account | None = None  # a switch still to be made
+        self.resolved = False  # the account was decided
 
 
 def main(argv: list[str]) -> int:
+    """The top-level guard: an unexpected error anywhere on the exec path is one `pgoom:`
+    line, then CMD is exec'd where that is still what was asked for (its user known and
+    switched to); pgoom never keeps the database from starting by a bug of its own."""
+    progress = Progress()
+    try:
+        return run(argv, progress)
+    except Exception as err:
+        say(f"internal error on the exec path ({type(err).__name__}: {err}); starting CMD anyway")
+        opts = progress.opts
+        if opts is None or not progress.resolved:
+            say("cannot start CMD: its user could not be decided")
+            return EXIT_USAGE
+        if progress.account is not None:
+            try:
+                switch_to(progress.account)
+            except Exception as switch_err:
+                say(f"cannot start CMD: {switch_err}")
+                return EXIT_DENIED
+        return exec_command(opts.command)
+
+
+def run(argv: list[str], progress: Progress) -> int:
     try:
         opts = parse_args(argv, dict(os.environ))
     except Usage as err:
         if str(err):
-            sys.stderr.write(f"pgoom: {err}\n")
+            say(str(err))
             return EXIT_USAGE
-        sys.stdout.write(USAGE)
+        try:
+            sys.stdout.write(USAGE)
+        except (AttributeError, OSError, ValueError):
+            pass
         return 0
+    progress.opts = opts
     is_root = os.geteuid() == 0
     account: Account | None = None
+    try:
+        account = resolve_target(opts)
+    except PrivilegeError as err:
+        say(str(err))
+        return EXIT_USAGE
     if is_root:
-        try:
-            account = resolve_target(opts)
-        except PrivilegeError as err:
-            sys.stderr.write(f"pgoom: {err}\n")
-            return EXIT_USAGE
         lower_own_score(opts.score)
-    else:
-        sys.stderr.write(
-            f"pgoom: not running as root (uid {os.geteuid()}): not lowering oom_score_adj, "
-            "no monitor, no user switch; protect the postmaster from a sidecar or run the "
-            "container as root with CAP_SYS_RESOURCE (docs/container.md)\n"
+    elif account is not None and opts.user_given:
+        # The root case refuses a switch the kernel refuses (exit 4): without root there is
+        # no switch to make, and CMD would run as someone else than asked.
+        say(
+            f"--user {opts.user}: cannot run CMD as uid {account.uid}: pgoom exec runs as "
+            f"uid {os.geteuid()} and only root can switch users; run it as root, or drop "
+            "--user / PGOOM_USER"
         )
+        return EXIT_DENIED
+    else:
+        account = None
+        say(
+            f"not running as root (uid {os.geteuid()}): not lowering oom_score_adj, "
+            "no monitor, no user switch; protect the postmaster from a sidecar or run the "
+            "container as root with CAP_SYS_RESOURCE (docs/container.md)"
+        )
+    progress.account = account
+    progress.resolved = True
     children = opts.children_score
     if "PG_OOM_ADJUST_VALUE" not in os.environ:  # the operator's own value wins, as ever
         why = f"lowering to {opts.score} was refused" if is_root else "not root"
@@ -300,6 +389,7 @@ def main(argv: list[str]) -> int:
         try:
             switch_to(account)
         except PrivilegeError as err:
-            sys.stderr.write(f"pgoom: {err}\n")
+            say(str(err))
             return EXIT_DENIED
+        progress.account = None
     return exec_command(opts.command)

@@ -43,6 +43,11 @@ _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 MONITOR_CAPS = (CAP_DAC_OVERRIDE, CAP_SYS_RESOURCE)
 
 
+# uid_t and gid_t are 32 bits and (uid_t)-1 means "unchanged" to setresuid(2): larger
+# numbers overflowed into a traceback, and 4294967295 would silently not switch.
+MAX_ID = 2**32 - 2
+
+
 class PrivilegeError(Exception):
     """The switch or the narrowing failed; str() says what to fix."""
 
@@ -72,6 +77,11 @@ def resolve_user(spec: str) -> Account:
     user, _, group = spec.partition(":")
     if not user:
         raise PrivilegeError(f"--user {spec!r}: give a user name or number, e.g. 26 or postgres")
+    for part in (user, group):
+        if part.isdigit() and int(part) > MAX_ID:
+            raise PrivilegeError(
+                f"--user {spec}: {part} is not a user or group id: give one from 0 to {MAX_ID}"
+            )
     entry: Optional[pwd.struct_passwd]
     try:
         entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)

@@ -77,12 +77,30 @@ def monitor_argv(args: list[str]) -> list[str]:
     return [sys.executable, "-I", "-c", boot, *args]
 
 
+class ForeignLock(Exception):
+    """The lock path holds something this user does not own: not a lock of ours."""
+
+
 def take_lock() -> int:
+    """The monitor's lock: a regular file this user owns, that nobody else can open. A lock
+    another user planted (and flocks) in world-writable /tmp must neither be used nor
+    switch the monitor off: it raises ForeignLock, and launch() starts the monitor
+    unlocked."""
     path = os.environ.get(LOCK_ENV) or DEFAULT_LOCK
     import fcntl
+    import stat
 
-    # O_NOFOLLOW: /tmp is world-writable; root must not follow a planted symlink.
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    # O_NOFOLLOW: /tmp is world-writable; root must not follow a planted symlink (ELOOP).
+    # O_NONBLOCK: nor hang on a planted FIFO.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+        os.close(fd)
+        raise ForeignLock(f"{path} belongs to uid {info.st_uid}, not to this monitor")
+    if info.st_mode & 0o077:
+        # Ours, but others could open it and hold the flock: not a lock we can rely on.
+        os.close(fd)
+        raise ForeignLock(f"{path} is open to other users (mode {info.st_mode & 0o777:o})")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -121,6 +139,9 @@ def launch(args: list[str]) -> None:
     except AlreadyRunning as err:
         say(f"{err}: not starting another")
         return
+    except ForeignLock as err:
+        say(f"warning: not using the monitor lock: {err}; starting the monitor without it")
+        lock_fd = None
     except OSError as err:
         say(f"warning: cannot lock {os.environ.get(LOCK_ENV) or DEFAULT_LOCK}: {err.strerror}")
         lock_fd = None
