@@ -86,6 +86,15 @@ class MemoryState:
     oom_kills: Optional[int]  # v2 memory.events oom_kill; v1 memory.oom_control oom_kill
 
 
+@dataclass(frozen=True)
+class CgroupReport:
+    """A process's memory cgroup, its memory now and where a group kill would come from."""
+
+    cgroup: Optional[MemCgroup]
+    state: Optional[MemoryState]
+    group_kill_at: Optional[str]  # CgroupView.highest_oom_group
+
+
 # --- pure parsers ----------------------------------------------------------------------
 
 
@@ -319,6 +328,35 @@ class CgroupView:
             if mount.version == 2 and inside and (best is None or len(point) > len(best)):
                 best = point
         return best
+
+    def highest_oom_group(self, cgroup: MemCgroup) -> Optional[str]:
+        """The highest directory, from the cgroup up to its mount point, whose
+        memory.oom.group is 1; None where none is (or v1, or not visible).
+
+        The kernel (mem_cgroup_get_oom_group) walks from the victim's cgroup up to the one
+        whose limit was hit and kills the highest flagged one whole: a flagged ancestor (a
+        pod or slice) kills the postmaster's cgroup with it in any OOM that reaches it."""
+        if cgroup.version != 2 or cgroup.directory is None:
+            return None
+        top = self._mount_point_of(cgroup.directory)
+        highest: Optional[str] = None
+        current = cgroup.directory
+        while top is not None:
+            text = self._read(current, "memory.oom.group")
+            if text is not None and text.strip() == "1":
+                highest = current
+            if current == top or not current.startswith(top):
+                break
+            current = os.path.dirname(current)
+        return highest
+
+    def observe(self, pid: int) -> CgroupReport:
+        """Everything status, verify, doctor and the engine show or decide on for `pid`.
+        Raises ProcessGone / AccessDenied from /proc."""
+        cgroup = self.locate(pid)
+        if cgroup is None:
+            return CgroupReport(None, None, None)
+        return CgroupReport(cgroup, self.state(cgroup), self.highest_oom_group(cgroup))
 
     # --- the one cgroup write -----------------------------------------------------------
 
