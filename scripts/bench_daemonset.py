@@ -9,18 +9,21 @@ started mid-load; take the shared lock):
     ... --rates 1000 5000 --duration 20 --cpu-limit-m 50 --cpu-limit-m 0
 
 For each CPU limit (millicores; 0 = no limit) and each rate:
-- a real `pgoom watch --source netlink` as the DaemonSet runs it (exec-only kernel filter,
-  32 MiB buffer, its own pattern) is moved, once ready, into a cgroup v1 `cpu` group with
+- a real `pgoom watch --source netlink --children-score 0` as the DaemonSet runs it (kernel
+  filter exec+fork, as --children-score needs; --exec-only for exec alone), 32 MiB buffer,
+  its own pattern, is moved, once ready, into a cgroup v1 `cpu` group with
   cpu.cfs_quota_us = limit x 100 us per 100 ms period: what kubelet writes for
   `limits.cpu` (on v2 it is cpu.max with the same numbers);
-- a static C generator posix_spawn()s itself (exits at once) at the rate (paced, several processes);
-- an unlimited reference subscriber (the same exec-filtered reader, 256 MiB buffer) counts
-  every exec event the kernel sent during the window;
-- halfway through, a real postmaster is started; its exec → protected latency is read from
+- a static C generator (several processes, paced) posix_spawn()s itself at the rate; each
+  child lives --lifetime-us (20 ms by default) and exits;
+- an unlimited reference subscriber (the same reader and filter, 256 MiB buffer) counts
+  every event the kernel sent during the window;
+- halfway through, a real postmaster is started; its exec -> protected latency is read from
   the watcher's own log line (latency_us), which shows what a backlog costs;
-- figures: the watcher's CPU (utime+stime of /proc/<pid>/stat) per exec event received,
-  its CPU share, events lost (reference count - received, and ENOBUFS), how long it took
-  after the load ended to drain its queue, and the postmaster's latency.
+- figures: the watcher's CPU (schedstat of all its threads) per event received and per
+  spawn, its CPU share, events lost (reference count - received, and ENOBUFS), how long it
+  took after the load ended to work off its queue, the CFS throttled time, and the
+  postmaster's latency.
 """
 
 from __future__ import annotations
@@ -52,9 +55,11 @@ PERIOD_US = 100_000
 SCORE = "13"  # a target no other watcher on a shared host uses
 PROTECTED_RE = re.compile(r"protected postmaster pid=(\d+) .*latency_us=(\d+|-)")
 
-# One generator process: spawn itself (without arguments it exits at once) `rate` times a
-# second for `seconds`, paced against the clock (catch-up allowed, so a slow start does not
-# lower the total), print the count.
+# One generator process: spawn itself `rate` times a second for `seconds`, paced against the
+# clock (catch-up allowed, so a slow start does not lower the total), print the count. Each
+# child lives `lifetime_us` and exits: a process that is gone before pgoom reads its
+# cmdline costs pgoom less than one still running, and real execs (a shell, a compiler)
+# live a while.
 GENERATOR_C = r"""
 #include <spawn.h>
 #include <stdio.h>
@@ -66,26 +71,25 @@ static double now(void) {
     struct timespec ts; clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec + ts.tv_nsec / 1e9;
 }
+static void pause_us(long us) {
+    struct timespec ts = {us / 1000000, (us % 1000000) * 1000};
+    nanosleep(&ts, NULL);
+}
 int main(int argc, char **argv) {
-    if (argc < 3) return 0;  /* run as the exec'd program itself: exit at once */
+    if (argc == 2) { pause_us(atol(argv[1])); return 0; }  /* the exec'd child */
     double rate = atof(argv[1]), seconds = atof(argv[2]);
-    char *args[] = {"gen-true", NULL};
-    long done = 0;
+    char *args[] = {"gen-child", argv[3], NULL};
+    long done = 0, running = 0;
     double t0 = now();
     for (;;) {
+        while (running > 0 && waitpid(-1, NULL, WNOHANG) > 0) running--;
         double elapsed = now() - t0;
         if (elapsed >= seconds) break;
-        if (done >= (long)(elapsed * rate)) {
-            struct timespec pause = {0, 200000};
-            nanosleep(&pause, NULL);
-            continue;
-        }
+        if (done >= (long)(elapsed * rate)) { pause_us(200); continue; }
         pid_t pid;
-        if (posix_spawn(&pid, argv[0], NULL, NULL, args, environ) == 0) {
-            waitpid(pid, NULL, 0);
-            done++;
-        }
+        if (posix_spawn(&pid, argv[0], NULL, NULL, args, environ) == 0) { done++; running++; }
     }
+    while (running > 0 && waitpid(-1, NULL, 0) > 0) running--;
     printf("%ld %.3f\n", done, now() - t0);
     return 0;
 }
@@ -99,7 +103,8 @@ sys.path.insert(0, sys.argv[1])
 from loguru import logger
 logger.remove()
 import watcher.sources.netlink as nl
-source = nl.NetlinkSource(rcvbuf_bytes=256 << 20, ack_timeout_s=1.0)
+forks = sys.argv[3] == "forks"
+source = nl.NetlinkSource(rcvbuf_bytes=256 << 20, ack_timeout_s=1.0, want_forks=forks)
 source.open()
 stop = False
 def on_term(_s, _f):
@@ -205,9 +210,11 @@ def throttled(group: Optional[str]) -> dict[str, int]:
         return {k: int(v) for k, v in (line.split() for line in f if line.strip())}
 
 
-def start_reference(workdir: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_reference(workdir: str, forks: bool) -> tuple[subprocess.Popen[bytes], str]:
+    """The same subscription as the watcher's (exec, or exec+fork), unlimited."""
     out = os.path.join(workdir, f"ref-{time.monotonic_ns()}.json")
-    proc = subprocess.Popen([sys.executable, "-c", REFERENCE, ROOT, out])
+    argv = [sys.executable, "-c", REFERENCE, ROOT, out, "forks" if forks else "exec"]
+    proc = subprocess.Popen(argv)
     wait_for(lambda: os.path.exists(out + ".ready"), 30, 0.02, what="reference subscriber")
     return proc, out
 
@@ -246,6 +253,8 @@ def run_one(
     limit_m: int,
     processes: int,
     realtime: bool,
+    children_score: Optional[int],
+    lifetime_us: int,
 ) -> dict[str, Any]:
     cluster = Cluster(template)
     pattern = re.escape(f"postgres -D {cluster.data_dir}") + "(?: |$)"
@@ -261,6 +270,10 @@ def run_one(
         "--metrics-address",
         "127.0.0.1:0",
     ]
+    if children_score is not None:
+        # What the shipped DaemonSet runs: fork events too (children of protected
+        # postmasters), so the kernel delivers a fork and an exec per spawn.
+        args += ["--children-score", str(children_score)]
     if realtime:
         args.append("--realtime")
     watcher = Watcher(*args)
@@ -279,12 +292,13 @@ def run_one(
                 with open(os.path.join(group, "cgroup.procs"), "w") as f:
                     f.write(str(watcher.proc.pid))
             before_throttle = throttled(group)
-            ref, ref_out = start_reference(workdir)
+            ref, ref_out = start_reference(workdir, children_score is not None)
             got0, lost0, cpu0 = received(port), lost(port), cpu_s(watcher.proc.pid)
             t0 = time.monotonic()
             gens = [
                 subprocess.Popen(
-                    [generator, str(rate / processes), str(duration_s)], stdout=subprocess.PIPE
+                    [generator, str(rate / processes), str(duration_s), str(lifetime_us)],
+                    stdout=subprocess.PIPE,
                 )
                 for _ in range(processes)
             ]
@@ -320,6 +334,8 @@ def run_one(
         "rate": rate,
         "limit_m": limit_m,
         "realtime": realtime,
+        "fork_events": children_score is not None,
+        "lifetime_us": lifetime_us,
         "spawned": spawned,
         "achieved_per_s": spawned / load_s,
         "reference_events": reference["events"],
@@ -330,6 +346,7 @@ def run_one(
         "enobufs": lost_n,
         "cpu_s": cpu,
         "cpu_us_per_event": cpu / got * 1e6 if got else float("nan"),
+        "cpu_us_per_spawn": cpu / spawned * 1e6 if spawned else float("nan"),
         "cpu_share_m": cpu / (load_s + (0 if math.isnan(drain_s) else drain_s)) * 1000,
         "drain_s": drain_s,
         "throttled_s": throttled_s,
@@ -346,6 +363,16 @@ def main() -> None:
     )
     parser.add_argument("--processes", type=int, default=3, help="generator processes")
     parser.add_argument("--realtime", action="store_true", help="run the watcher --realtime")
+    parser.add_argument(
+        "--children-score",
+        type=int,
+        default=0,
+        help="as the DaemonSet (exec+fork events); --exec-only for exec events alone",
+    )
+    parser.add_argument(
+        "--lifetime-us", type=int, default=20000, help="how long each exec'd child lives"
+    )
+    parser.add_argument("--exec-only", dest="children_score", action="store_const", const=None)
     parser.add_argument("--json", action="store_true")
     opts = parser.parse_args()
     if os.geteuid() != 0:
@@ -372,10 +399,12 @@ def main() -> None:
                         opts.realtime,
                     )
                     rows.append(row)
+                    events = "exec+fork" if row["fork_events"] else "exec only"
                     print(
-                        f"limit {limit or 'none'}m rate {rate}/s (achieved "
+                        f"{events}, limit {limit or 'none'}m rate {rate}/s (achieved "
                         f"{row['achieved_per_s']:.0f}/s): {row['cpu_us_per_event']:.1f} us CPU "
-                        f"per exec event, {row['cpu_share_m']:.0f}m used, lost {row['lost']} of "
+                        f"per event received ({row['cpu_us_per_spawn']:.1f} per spawn), "
+                        f"{row['cpu_share_m']:.0f}m used, lost {row['lost']} of "
                         f"{row['reference_events']} (ENOBUFS {row['enobufs']:.0f}), drained "
                         f"{row['drain_s']:.1f} s after the load, throttled "
                         f"{row['throttled_s']:.1f} s, postmaster mid-load protected after "
