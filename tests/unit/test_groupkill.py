@@ -12,6 +12,7 @@ from watcher import groupkill
 from watcher.errors import UsageError
 from watcher.groupkill import CgroupFacts, Policy, plan, survives_group_kill
 from watcher.memcg import CgroupReport, CgroupView, MemCgroup, MemoryState
+from watcher.policy import GroupKillPolicy, describe
 from watcher.procfs import ProcFS
 
 POD = "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-podab.slice"
@@ -197,3 +198,80 @@ def test_facts_from_v1() -> None:
     state = MemoryState(1, 1, "/d", 0, 0, 0, None, 0)
     report = CgroupReport(MemCgroup(1, "/pgtest", "/d"), state, None)
     assert groupkill.kills_as_group(groupkill.facts_from(report)) is False
+
+
+# --- watcher.policy: the decision applied on fake trees ----------------------------------
+
+
+def _policy_tree(base: Path, flag: str, environ: bytes = b"") -> GroupKillPolicy:
+    view = _tree(base, {CONTAINER: flag})
+    (base / "proc" / "77" / "environ").write_bytes(environ)
+    del view
+    return GroupKillPolicy(ProcFS(str(base / "proc")), Policy.UNGROUP, fs_root=str(base))
+
+
+def test_apply_ungroup_writes_0_and_reads_it_back(tmp_path: Path) -> None:
+    policy = _policy_tree(tmp_path, "1\n")
+    applied = policy.apply(77, -900, 0)
+    assert applied.ungrouped and not applied.errors
+    assert applied.plan.score == -900
+    flag = tmp_path / "sys/fs/cgroup" / CONTAINER.lstrip("/") / "memory.oom.group"
+    assert flag.read_text().strip() == "0"
+    assert groupkill.kills_as_group(applied.facts) is False
+
+
+def test_apply_ungroup_refused_is_one_error_and_the_score_stays(tmp_path: Path) -> None:
+    policy = _policy_tree(tmp_path, "1\n")
+    flag = tmp_path / "sys/fs/cgroup" / CONTAINER.lstrip("/") / "memory.oom.group"
+    real = tmp_path / "real-flag"
+    real.write_text("1\n")
+    flag.unlink()
+    flag.symlink_to(real)  # O_NOFOLLOW refuses it, as a planted link must be
+    applied = policy.apply(77, -900, 0)
+    assert not applied.ungrouped
+    assert len(applied.errors) == 1
+    assert applied.errors[0].startswith("postmaster pid=77: --group-kill ungroup cannot clear")
+    assert applied.plan.score == -900
+    assert real.read_text() == "1\n"
+
+
+def test_apply_dry_run_writes_nothing(tmp_path: Path) -> None:
+    _tree(tmp_path, {CONTAINER: "1\n"})
+    policy = GroupKillPolicy(
+        ProcFS(str(tmp_path / "proc")), Policy.UNGROUP, dry_run=True, fs_root=str(tmp_path)
+    )
+    assert policy.apply(77, -900, None).plan.ungroup
+    flag = tmp_path / "sys/fs/cgroup" / CONTAINER.lstrip("/") / "memory.oom.group"
+    assert flag.read_text() == "1\n"
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        (b"PG_OOM_ADJUST_FILE=/proc/self/oom_score_adj\0PG_OOM_ADJUST_VALUE=5\0", 5),
+        (b"PG_OOM_ADJUST_FILE=/proc/self/oom_score_adj\0", 0),  # PostgreSQL's default
+        (b"PG_OOM_ADJUST_VALUE=5\0", None),  # no file: the children write nothing
+        (b"PG_OOM_ADJUST_FILE=x\0PG_OOM_ADJUST_VALUE=99999999999\0", None),
+        (b"PG_OOM_ADJUST_FILE=x\0PG_OOM_ADJUST_VALUE=-1000\0", -1000),
+    ],
+)
+def test_exported_children_value(tmp_path: Path, environ: bytes, expected: Optional[int]) -> None:
+    policy = _policy_tree(tmp_path, "1\n", environ)
+    assert policy.exported_children_value(77) == expected
+
+
+def test_auto_uses_the_exported_value_but_never_minus_1000(tmp_path: Path) -> None:
+    _tree(tmp_path, {CONTAINER: "1\n"})
+    env = b"PG_OOM_ADJUST_FILE=x\0PG_OOM_ADJUST_VALUE=-1000\0"
+    (tmp_path / "proc" / "77" / "environ").write_bytes(env)
+    policy = GroupKillPolicy(ProcFS(str(tmp_path / "proc")), Policy.AUTO, fs_root=str(tmp_path))
+    applied = policy.apply(77, -900, None)
+    assert (applied.plan.score, applied.plan.children_score) == (-1000, 0)
+
+
+def test_describe_for_status(tmp_path: Path) -> None:
+    view = _tree(tmp_path, {CONTAINER: "1\n"})
+    doc = describe(view.observe(77), -900)
+    assert doc["cgroup"]["version"] == 2 and doc["cgroup"]["group_kill"] is True
+    assert doc["survives_group_kill"] is False
+    assert describe(view.observe(77), -1000)["survives_group_kill"] is True
