@@ -147,6 +147,17 @@ def watch(
             "then never waits behind other tasks for its protection.",
         ),
     ] = False,
+    group_kill: Annotated[
+        str,
+        typer.Option(
+            "--group-kill",
+            envvar="PGOOM_GROUP_KILL",
+            help="auto|ungroup|keep: where the postmaster's memory cgroup kills as a group "
+            "(cgroup v2 memory.oom.group=1, kubelet 1.28+), auto protects with -1000 and keeps "
+            "its children off -1000; ungroup writes 0 to that cgroup's memory.oom.group and "
+            "keeps --score; keep changes nothing (it will not survive a group kill).",
+        ),
+    ] = "auto",
     metrics_address: Annotated[
         str,
         typer.Option(

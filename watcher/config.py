@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from watcher.errors import UsageError
+from watcher.groupkill import DEFAULT_POLICY, Policy, parse_policy
 from watcher.match import DEFAULT_PATTERN, DEFAULT_SCORE, Rule, validate_score
 
 SOURCES = ("auto", "netlink", "inotify", "poll")
@@ -33,6 +34,7 @@ class Settings:
     fallback: bool = True  # the seed's methods (b) and (c) when no rule matches
     rcvbuf_bytes: int = DEFAULT_RCVBUF_BYTES
     realtime: bool = False  # SCHED_FIFO: the exec -> protected tail is CPU contention
+    group_kill: Policy = DEFAULT_POLICY  # what to do where the cgroup kills as a group
     ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S
     proc_root: str = "/proc"
 
@@ -83,8 +85,10 @@ def make_settings(
     interval_s: float = DEFAULT_INTERVAL_S,
     verify_interval_s: float = DEFAULT_VERIFY_INTERVAL_S,
     match_all: bool = False,
+    group_kill: str = DEFAULT_POLICY.value,
     **rest: object,
 ) -> Settings:
+    policy = parse_policy(group_kill)
     source = source.lower()
     if source not in SOURCES:
         raise UsageError(f"--source {source!r} is unknown: use one of {', '.join(SOURCES)}")
@@ -105,5 +109,6 @@ def make_settings(
         source=source,
         interval_s=interval_s,
         verify_interval_s=verify_interval_s,
+        group_kill=policy,
         **rest,  # type: ignore[arg-type]
     )

@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 from watcher.config import SOURCES, Settings, make_settings
 from watcher.errors import UsageError
+from watcher.groupkill import POLICIES
 from watcher.match import DEFAULT_SCORE, OOM_SCORE_ADJ_MAX, OOM_SCORE_ADJ_MIN, Rule
 
 if sys.version_info >= (3, 11):
@@ -49,6 +50,7 @@ OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "dry_run": (bool,),
     "rcvbuf": (int,),
     "realtime": (bool,),
+    "group_kill": (str,),
     "metrics_address": (str,),
 }
 RULE_TYPES: dict[str, tuple[type, ...]] = {
@@ -165,6 +167,8 @@ def parse_config(text: str, path: str) -> ConfigFile:
             )
         elif key == "rcvbuf" and value <= 0:
             raise fail(line, f"rcvbuf = {value}: must be a positive number of bytes")
+        elif key == "group_kill" and value.strip().lower() not in POLICIES:
+            raise fail(line, f"group_kill = {value!r} is unknown: use one of {', '.join(POLICIES)}")
         elif key == "metrics_address" and value:
             from watcher.metrics import parse_address
 
@@ -332,6 +336,7 @@ def resolve(params: dict[str, Any], explicit: set[str]) -> Resolved:
         fallback=_fallback(pick("fallback"), cli_rules or use_file_rules),
         rcvbuf_bytes=int(pick("rcvbuf")),
         realtime=bool(pick("realtime")),
+        group_kill=str(pick("group_kill") or "auto"),
     )
     if use_file_rules:
         rules = [_to_rule(spec, score, children_score, explicit) for spec in file_rules]

@@ -19,8 +19,10 @@ from loguru import logger
 from watcher.adjust import Adjuster, Outcome, Result
 from watcher.config import Settings
 from watcher.errors import AccessDenied, ProcessGone
+from watcher.groupkill import cannot_lower_message, survives_group_kill
 from watcher.identity import inspect
 from watcher.match import (
+    OOM_SCORE_ADJ_MIN,
     Facts,
     Rule,
     cmdline_text,
@@ -28,6 +30,7 @@ from watcher.match import (
     might_be_postmaster,
 )
 from watcher.parse import Stat
+from watcher.policy import Applied, GroupKillPolicy
 from watcher.procfs import ProcFS
 from watcher.scan import PATTERN, candidates
 from watcher.sources.base import Event, Examine, Forked, Rescan, Source
@@ -43,6 +46,26 @@ class Protected:
     rule: Rule
     score_ok: bool  # False while the kernel refuses the target (EACCES): retried at verify
     children_done: set[tuple[int, int]] = field(default_factory=set)
+    # The group-kill policy's plan: the score and children's score actually in force (-1000
+    # and the children score where the cgroup kills as a group), and the cgroup it read.
+    applied: Optional[Applied] = None
+
+    @property
+    def target(self) -> int:
+        return self.rule.score if self.applied is None else self.applied.plan.score
+
+    @property
+    def children_score(self) -> Optional[int]:
+        if self.applied is None:
+            return self.rule.children_score
+        return self.applied.plan.children_score
+
+    @property
+    def survives_group_kill(self) -> Optional[bool]:
+        group = None if self.applied is None else self.applied.plan.group_kill
+        if self.applied is not None and self.applied.ungrouped:
+            group = False
+        return survives_group_kill(self.target if self.score_ok else None, group)
 
 
 @dataclass
@@ -51,6 +74,7 @@ class Counters:
     adjustments: int = 0
     failures: dict[str, int] = field(default_factory=dict)
     drift_repairs: int = 0
+    children_off_minus_1000: int = 0  # children found at -1000 beside a -1000 postmaster
 
 
 class Engine:
@@ -59,6 +83,7 @@ class Engine:
         self.source = source
         self.procfs = procfs or ProcFS(settings.proc_root)
         self.adjuster = Adjuster(self.procfs, dry_run=settings.dry_run)
+        self.group_policy = GroupKillPolicy(self.procfs, settings.group_kill, settings.dry_run)
         self.protected: dict[int, Protected] = {}
         self.counters = Counters()
         self.listeners: list[Listener] = []
@@ -67,10 +92,9 @@ class Engine:
         self._stop_signal: Optional[str] = None
         self._wake_r, self._wake_w = socket.socketpair()
         # Without fork events (inotify, poll) children of protected postmasters are found by
-        # scanning every --interval; with netlink the Forked events cover them.
-        self._scan_children = (
-            any(r.children_score is not None for r in settings.rules) and source.name != "netlink"
-        )
+        # scanning every --interval; with netlink the Forked events cover them. A postmaster
+        # the group-kill policy puts at -1000 needs its children moved too, whatever the rules.
+        self._fork_events = source.name == "netlink"
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -100,7 +124,7 @@ class Engine:
                 # Idle event mode has no timer unless there is something to verify: 0 wakeups.
                 if self.protected or not event_driven:
                     deadlines.append(next_verify)
-                if self._scan_children and self.protected:
+                if self._scan_children():
                     deadlines.append(next_children)
                 timeout = max(0.0, min(deadlines) - now) if deadlines else None
                 ready = selector.select(timeout)
@@ -119,7 +143,7 @@ class Engine:
                 if now >= next_verify:
                     self.verify(full_scan=not event_driven)
                     next_verify = now + self.settings.verify_interval_s
-                if self._scan_children and now >= next_children:
+                if self._scan_children() and now >= next_children:
                     self.adjust_children()
                     next_children = now + self.settings.interval_s
         finally:
@@ -189,13 +213,28 @@ class Engine:
                 verdict.reason,
             )
             return None
-        result = self.adjuster.set_score(pid, start, rule.score, only_lower=True)
+        # The cgroup is read for every new postmaster: a restarted container is a new cgroup
+        # (kubelet sets memory.oom.group=1 again), and the plan decides the score to write.
+        applied = self.group_policy.apply(pid, rule.score, rule.children_score)
+        for error in applied.errors:
+            self._once(pid, start, "group-kill-error", "error", "{}", error)
+        if applied.plan.note:
+            self._once(
+                pid, start, "group-kill-note", applied.plan.note_level, "{}", applied.plan.note
+            )
+        result = self.adjuster.set_score(pid, start, applied.plan.score, only_lower=True)
         latency_us = (time.monotonic_ns() - ts_ns) // 1000 if ts_ns else None
-        self._record(facts, rule, result, latency_us, method)
+        self._record(facts, rule, result, latency_us, method, applied)
         return result
 
     def _record(
-        self, facts: Facts, rule: Rule, result: Result, latency_us: Optional[int], method: str
+        self,
+        facts: Facts,
+        rule: Rule,
+        result: Result,
+        latency_us: Optional[int],
+        method: str,
+        applied: Optional[Applied] = None,
     ) -> None:
         pid, start = facts.pid, facts.stat.starttime_ticks
         if result.outcome is Outcome.GONE:
@@ -203,16 +242,17 @@ class Engine:
             return
         known = self.protected.get(pid)
         if known is None or known.starttime_ticks != start:
-            known = Protected(pid, start, facts.data_dir, rule, score_ok=True)
+            known = Protected(pid, start, facts.data_dir, rule, score_ok=True, applied=applied)
             self.protected[pid] = known
             if facts.data_dir:
                 self.source.add_data_dir(facts.data_dir)
         known.score_ok = result.outcome is not Outcome.DENIED
+        target = known.target
         fields = dict(
             pid=pid,
             data_dir=facts.data_dir,
             old=result.old,
-            new=rule.score,
+            new=target,
             source=self.source.name,
             latency_us=latency_us,
             method=method,
@@ -240,7 +280,7 @@ class Engine:
                 pid,
                 facts.data_dir,
                 result.old,
-                rule.score,
+                target,
             )
         elif result.outcome is Outcome.UNCHANGED:
             self._once(
@@ -252,21 +292,30 @@ class Engine:
                 pid,
                 facts.data_dir,
                 result.old,
-                rule.score,
+                target,
             )
         elif result.outcome is Outcome.DENIED:
             self.counters.failures["denied"] = self.counters.failures.get("denied", 0) + 1
             self._emit("failed", reason="denied", pid=pid, data_dir=facts.data_dir)
-            self._once(pid, start, "denied", "error", "{}", result.reason)
+            reason = result.reason
+            if (
+                applied is not None
+                and applied.plan.group_kill is not False
+                and target == OOM_SCORE_ADJ_MIN
+            ):
+                # The one error says what the group kill needs, not only what the kernel said.
+                reason = cannot_lower_message(pid, applied.facts, reason)
+            self._once(pid, start, "denied", "error", "{}", reason)
 
     def forked(self, event: Forked) -> None:
         parent = self.protected.get(event.parent)
-        if parent is None or parent.rule.children_score is None:
+        if parent is None or parent.children_score is None:
             return
         self._adjust_child(parent, event.child)
 
     def _adjust_child(self, parent: Protected, child: int) -> None:
-        assert parent.rule.children_score is not None
+        children_score = parent.children_score
+        assert children_score is not None
         try:
             stat = self.procfs.stat(child)
         except (ProcessGone, AccessDenied):
@@ -274,7 +323,7 @@ class Engine:
         key = (child, stat.starttime_ticks)
         if stat.ppid != parent.pid or key in parent.children_done:
             return
-        result = self.adjuster.set_score(child, stat.starttime_ticks, parent.rule.children_score)
+        result = self.adjuster.set_score(child, stat.starttime_ticks, children_score)
         if result.outcome in (Outcome.ADJUSTED, Outcome.UNCHANGED, Outcome.DRY_RUN):
             parent.children_done.add(key)
         if result.outcome is Outcome.ADJUSTED:
@@ -288,10 +337,21 @@ class Engine:
         elif result.outcome is Outcome.DENIED:
             self._once(child, stat.starttime_ticks, "denied", "warning", "{}", result.reason)
 
-    def adjust_children(self) -> None:
-        """Without fork events (inotify, poll), children are found by scanning."""
+    def _scan_children(self) -> bool:
+        return not self._fork_events and any(
+            p.children_score is not None for p in self.protected.values()
+        )
+
+    def adjust_children(self, only_minus_1000: bool = False) -> None:
+        """Without fork events (inotify, poll), children are found by scanning. With
+        `only_minus_1000` (every verify tick, whatever the source): the children of
+        postmasters at -1000, so that none is left unkillable beside it."""
         for parent in list(self.protected.values()):
-            if parent.rule.children_score is None:
+            if parent.children_score is None:
+                continue
+            if only_minus_1000:
+                if parent.target == OOM_SCORE_ADJ_MIN:
+                    self._children_off_minus_1000(parent)
                 continue
             try:
                 children = self.procfs.children(parent.pid)
@@ -301,6 +361,34 @@ class Engine:
                 self._adjust_child(parent, child)
             alive = set(children)
             parent.children_done = {k for k in parent.children_done if k[0] in alive}
+
+    def _children_off_minus_1000(self, parent: Protected) -> None:
+        """No child stays at -1000 beside a postmaster there: an unkillable runaway backend
+        would leave the OOM killer nothing to kill but its siblings. Reads every child's
+        score (a child may have written its own PG_OOM_ADJUST_VALUE after pgoom's write)."""
+        children_score = parent.children_score
+        assert children_score is not None
+        try:
+            children = self.procfs.children(parent.pid)
+        except (ProcessGone, AccessDenied):
+            return
+        for child in children:
+            try:
+                stat = self.procfs.stat(child)
+                if stat.ppid != parent.pid or self.procfs.oom_score_adj(child) != OOM_SCORE_ADJ_MIN:
+                    continue
+            except (ProcessGone, AccessDenied):
+                continue
+            result = self.adjuster.set_score(child, stat.starttime_ticks, children_score)
+            if result.outcome is Outcome.ADJUSTED:
+                self.counters.children_off_minus_1000 += 1
+                logger.warning(
+                    "child pid={} of postmaster {} was at -1000: set to {} (no child may stay "
+                    "unkillable beside a postmaster at -1000)",
+                    child,
+                    parent.pid,
+                    children_score,
+                )
 
     # --- scanning and verifying ------------------------------------------------------------
 
@@ -325,7 +413,7 @@ class Engine:
                 self._emit("exited", pid=pid, data_dir=known.data_dir)
                 continue
             result = self.adjuster.set_score(
-                pid, known.starttime_ticks, known.rule.score, only_lower=True
+                pid, known.starttime_ticks, known.target, only_lower=True
             )
             if result.outcome is Outcome.ADJUSTED:
                 self.counters.drift_repairs += 1
@@ -348,6 +436,7 @@ class Engine:
                     latency_us=None,
                     method="drift",
                 )
+        self.adjust_children(only_minus_1000=True)
         if full_scan:
             self.scan("periodic")
 
