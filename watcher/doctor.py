@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from loguru import logger
 
@@ -296,80 +296,70 @@ def decide_own_score(own: int, floor: int, score: int) -> CheckResult:
     )
 
 
-def parse_cgroup_v2_path(text: str) -> Optional[str]:
-    """The unified-hierarchy path ('0::/path') from /proc/<pid>/cgroup."""
-    for line in text.splitlines():
-        if line.startswith("0::"):
-            return line[3:] or "/"
-    return None
+@dataclass(frozen=True)
+class PostmasterCgroup:
+    """What the group-kill check knows of one running postmaster (gathered by
+    _check_postmaster_cgroups through watcher.memcg, decided here)."""
+
+    pid: int
+    oom_score_adj: Optional[int]
+    cgroup: dict[str, Any]  # watcher.policy.describe()["cgroup"]
+    survives: Optional[bool]  # watcher.groupkill.survives_group_kill
+    oom_group_writable: bool  # its memory.oom.group can be written from here (ungroup)
 
 
-def has_v1_memory(text: str) -> bool:
-    for line in text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) == 3 and parts[0] != "0" and "memory" in parts[1].split(","):
-            return True
-    return False
-
-
-def parse_cgroup2_mount(mountinfo: str) -> Optional[tuple[str, str]]:
-    """(root inside the hierarchy, mount point) of the first cgroup2 mount."""
-    for line in mountinfo.splitlines():
-        left, sep, right = line.partition(" - ")
-        if not sep or not right.startswith("cgroup2 "):
+def decide_postmaster_cgroups(found: list[PostmasterCgroup], can_lower_to_min: bool) -> CheckResult:
+    """The postmasters' memory cgroups, not the doctor's own: does each survive a group
+    kill at the score it has now, and can pgoom's policies make it survive?"""
+    name = "memory.oom.group"
+    if not found:
+        return CheckResult(
+            name, PASS, "no postmaster running: nothing to check (run doctor again once one is)"
+        )
+    parts: list[str] = []
+    status = PASS
+    fixes: list[str] = []
+    for item in found:
+        cg = item.cgroup
+        where = cg.get("group_kill_at") or cg.get("path") or "no memory cgroup"
+        version = cg.get("version")
+        score = "?" if item.oom_score_adj is None else str(item.oom_score_adj)
+        head = f"postmaster pid {item.pid} at {score}, cgroup v{version} {cg.get('path')}"
+        if cg.get("group_kill") is False:
+            detail = "no group kill (cgroup v1)" if version == 1 else "no group kill"
+            parts.append(f"{head}: {detail}")
             continue
-        fields = left.split()
-        if len(fields) >= 5:
-            return _unescape(fields[3]), _unescape(fields[4])
-    return None
-
-
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
-
-
-def cgroup_dir(cgroup_path: str, mount_root: str, mount_point: str) -> str:
-    """Where the cgroup `cgroup_path` appears under `mount_point` (a container's cgroup2
-    mount may start below the hierarchy's root)."""
-    rel = cgroup_path
-    if mount_root != "/" and (rel == mount_root or rel.startswith(mount_root + "/")):
-        rel = rel[len(mount_root) :]
-    rel = rel.strip("/")
-    return f"{mount_point.rstrip('/')}/{rel}" if rel else mount_point
-
-
-def decide_oom_group(
-    oom_group: Optional[str], where: str, v1_memory: bool, score: int
-) -> CheckResult:
-    if oom_group is None:
-        detail = (
-            "not applicable: the memory controller is on cgroup v1 here (a memcg OOM kills one "
-            "task; no group kill)"
-            if v1_memory
-            else f"not applicable: no memory.oom.group for {where} (no cgroup v2 memory controller)"
+        if item.survives:
+            parts.append(f"{head}: kills as a group ({where}), -1000 survives it")
+            continue
+        can = []
+        if can_lower_to_min:
+            can.append("--group-kill auto can set -1000 (CAP_SYS_RESOURCE present)")
+        if item.oom_group_writable:
+            can.append("--group-kill ungroup can write memory.oom.group=0 here")
+        if not can:
+            can.append(
+                "neither -1000 (no CAP_SYS_RESOURCE) nor memory.oom.group=0 (not writable "
+                "from here) is possible from here"
+            )
+        if cg.get("group_kill") is None:
+            parts.append(
+                f"{head}: memory.oom.group not visible from here (kubelet 1.28+ sets it to 1 "
+                f"on cgroup v2); if it is 1 the postmaster dies in a group kill; {'; '.join(can)}"
+            )
+            status = WARN if status == PASS else status
+        else:
+            parts.append(
+                f"{head}: memory.oom.group=1 in {where}: it dies in a group kill (only -1000 "
+                f"survives); {'; '.join(can)}"
+            )
+            status = FAIL
+        fixes.append(
+            "run pgoom watch with --group-kill auto (default; needs CAP_SYS_RESOURCE) or "
+            "ungroup (needs the host's cgroupfs writable), or set singleProcessOOMKill: true "
+            "in the kubelet configuration (1.32+)"
         )
-        return CheckResult("memory.oom.group", PASS, detail)
-    if oom_group.strip() != "1":
-        return CheckResult(
-            "memory.oom.group", PASS, f"memory.oom.group={oom_group.strip()} in {where}"
-        )
-    if score == OOM_SCORE_ADJ_MIN:
-        return CheckResult(
-            "memory.oom.group",
-            PASS,
-            f"memory.oom.group=1 in {where}: a memcg OOM kills every task except those at "
-            "-1000, and --score is -1000",
-        )
-    return CheckResult(
-        "memory.oom.group",
-        WARN,
-        f"memory.oom.group=1 in {where}: a memcg OOM kills every task of the cgroup except "
-        f"those at exactly -1000, so a postmaster at {score} in this cgroup dies with its "
-        "backends",
-        "use --score -1000 (needs CAP_SYS_RESOURCE), or turn group kill off (kubelet "
-        "singleProcessOOMKill: true, Kubernetes 1.32+; or write 0 to memory.oom.group)",
-    )
+    return CheckResult(name, status, "; ".join(parts), fixes[0] if fixes else "")
 
 
 def parse_meminfo(text: str) -> dict[str, int]:
@@ -533,16 +523,34 @@ def _check_inotify() -> CheckResult:
     return decide_inotify(None)
 
 
-def _check_oom_group(procfs: ProcFS, score: int) -> CheckResult:
-    me = os.getpid()
-    cgroups = procfs.read_text(me, "cgroup")
-    v1_memory = has_v1_memory(cgroups)
-    path = parse_cgroup_v2_path(cgroups)
-    mount = parse_cgroup2_mount(procfs.read_text(me, "mountinfo"))
-    if path is None or mount is None:
-        return decide_oom_group(None, "this process", v1_memory, score)
-    directory = cgroup_dir(path, *mount)
-    return decide_oom_group(_text(f"{directory}/memory.oom.group"), directory, v1_memory, score)
+def _check_postmaster_cgroups(procfs: ProcFS, effective: int) -> CheckResult:
+    """Each running postmaster's memory cgroup as this process sees it (watcher.memcg)."""
+    from watcher.config import build_rules
+    from watcher.memcg import CgroupView
+    from watcher.policy import describe
+    from watcher.verify import find_postmasters
+
+    view = CgroupView(procfs)
+    found = []
+    for pm in find_postmasters(procfs, build_rules([], [], OOM_SCORE_ADJ_MIN, None), 0):
+        try:
+            report = view.observe(pm.pid)
+        except (PgoomError, OSError):
+            continue
+        doc = describe(report, pm.oom_score_adj)
+        directory = report.cgroup.directory if report.cgroup is not None else None
+        writable = (
+            directory is not None
+            and report.cgroup is not None
+            and report.cgroup.version == 2
+            and os.access(f"{directory}/memory.oom.group", os.W_OK)
+        )
+        found.append(
+            PostmasterCgroup(
+                pm.pid, pm.oom_score_adj, doc["cgroup"], doc["survives_group_kill"], writable
+            )
+        )
+    return decide_postmaster_cgroups(found, has_capability(effective, CAP_SYS_RESOURCE))
 
 
 def run_checks(score: int, proc_root: str = "/proc") -> list[CheckResult]:
@@ -595,7 +603,7 @@ def run_checks(score: int, proc_root: str = "/proc") -> list[CheckResult]:
         ),
         ("cap_dac_override", lambda: decide_cap_dac_override(effective, euid)),
         ("oom_score_adj", lambda: decide_own_score(procfs.oom_score_adj(me), floor(), score)),
-        ("memory.oom.group", lambda: _check_oom_group(procfs, score)),
+        ("memory.oom.group", lambda: _check_postmaster_cgroups(procfs, effective)),
         ("vm.overcommit_memory", overcommit),
         (
             "swap",
