@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 
 from watcher import __version__
 from watcher.errors import UsageError
+from watcher.groupkill import POLICIES
 
 # exec → oom_score_adj written: netlink measured p50 ~0.1 ms, inotify should stay under
 # 5 ms; the long tail goes up to the poll source's interval (30 s by default).
@@ -60,6 +61,10 @@ def parse_address(text: str) -> tuple[str, int]:
             f"--metrics-address {text!r}: write an IPv6 address in brackets, [::1]:9187"
         )
     return host or "0.0.0.0", int(port_text)
+
+
+def _yes_no(value: Optional[bool]) -> str:
+    return "unknown" if value is None else ("yes" if value else "no")
 
 
 class EngineCollector(Collector):
@@ -112,6 +117,43 @@ class EngineCollector(Collector):
         protected.add_metric(["true"], ok)
         protected.add_metric(["false"], len(entries) - ok)
         yield protected
+
+        policy = GaugeMetricFamily(
+            "pgoom_group_kill_policy",
+            "1 for the --group-kill policy in force (auto, ungroup, keep).",
+            labels=["policy"],
+        )
+        in_force = getattr(engine.settings.group_kill, "value", "")
+        for name in POLICIES:
+            policy.add_metric([name], 1 if name == in_force else 0)
+        yield policy
+
+        effective = GaugeMetricFamily(
+            "pgoom_protected_postmasters_group_kill",
+            "Protected postmasters by whether their memory cgroup kills as a group "
+            "(group_kill) and whether their score in force survives that (survives): "
+            "survives=no is a postmaster at its score that still dies in an OOM.",
+            labels=["group_kill", "survives"],
+        )
+        tally: dict[tuple[str, str], int] = {}
+        for entry in entries:
+            applied = getattr(entry, "applied", None)
+            group = None if applied is None else applied.plan.group_kill
+            if applied is not None and applied.ungrouped:
+                group = False
+            key = (_yes_no(group), _yes_no(entry.survives_group_kill))
+            tally[key] = tally.get(key, 0) + 1
+        for (group_text, survives_text), count in sorted(tally.items()):
+            effective.add_metric([group_text, survives_text], count)
+        yield effective
+
+        kept_off = CounterMetricFamily(
+            "pgoom_children_off_minus_1000",
+            "Children found at -1000 beside a postmaster at -1000 and moved to the children "
+            "score (a child there would be unkillable).",
+        )
+        kept_off.add_metric([], counters.children_off_minus_1000)
+        yield kept_off
 
         active = GaugeMetricFamily(
             "pgoom_source_active", "1 for the event source in use.", labels=["source"]
