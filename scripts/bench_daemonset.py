@@ -397,6 +397,8 @@ def main() -> None:
                         limit,
                         opts.processes,
                         opts.realtime,
+                        opts.children_score,
+                        opts.lifetime_us,
                     )
                     rows.append(row)
                     events = "exec+fork" if row["fork_events"] else "exec only"

@@ -246,6 +246,8 @@ class Engine:
             self.protected[pid] = known
             if facts.data_dir:
                 self.source.add_data_dir(facts.data_dir)
+        if applied is not None:
+            known.applied = applied  # a rescan reads the cgroup again
         known.score_ok = result.outcome is not Outcome.DENIED
         target = known.target
         fields = dict(
@@ -297,15 +299,19 @@ class Engine:
         elif result.outcome is Outcome.DENIED:
             self.counters.failures["denied"] = self.counters.failures.get("denied", 0) + 1
             self._emit("failed", reason="denied", pid=pid, data_dir=facts.data_dir)
-            reason = result.reason
-            if (
-                applied is not None
-                and applied.plan.group_kill is not False
-                and target == OOM_SCORE_ADJ_MIN
-            ):
-                # The one error says what the group kill needs, not only what the kernel said.
-                reason = cannot_lower_message(pid, applied.facts, reason)
-            self._once(pid, start, "denied", "error", "{}", reason)
+            self._once(pid, start, "denied", "error", "{}", self._denied_reason(known, result))
+
+    @staticmethod
+    def _denied_reason(known: Protected, result: Result) -> str:
+        applied = known.applied
+        if (
+            applied is not None
+            and applied.plan.group_kill is not False
+            and known.target == OOM_SCORE_ADJ_MIN
+        ):
+            # The one error says what the group kill needs, not only what the kernel said.
+            return cannot_lower_message(known.pid, applied.facts, result.reason)
+        return result.reason
 
     def forked(self, event: Forked) -> None:
         parent = self.protected.get(event.parent)
@@ -415,6 +421,10 @@ class Engine:
             result = self.adjuster.set_score(
                 pid, known.starttime_ticks, known.target, only_lower=True
             )
+            if result.outcome is Outcome.DENIED:
+                # Retried every tick; reported once (then at debug), like the first refusal.
+                reason = self._denied_reason(known, result)
+                self._once(pid, known.starttime_ticks, "denied", "error", "{}", reason)
             if result.outcome is Outcome.ADJUSTED:
                 self.counters.drift_repairs += 1
                 known.score_ok = True
