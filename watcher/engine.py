@@ -65,7 +65,10 @@ class Protected:
         group = None if self.applied is None else self.applied.plan.group_kill
         if self.applied is not None and self.applied.ungrouped:
             group = False
-        return survives_group_kill(self.target if self.score_ok else None, group)
+        if not self.score_ok:
+            # The kernel refused the target: the postmaster is above it, so above -1000.
+            return True if group is False else (None if group is None else False)
+        return survives_group_kill(self.target, group)
 
 
 @dataclass
