@@ -37,6 +37,7 @@ class Settings:
     group_kill: Policy = DEFAULT_POLICY  # what to do where the cgroup kills as a group
     ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S
     proc_root: str = "/proc"
+    cgroup_root: str = ""  # prefixes the cgroup mount points (unit tests: a fake cgroupfs)
 
 
 def compile_pattern(text: str) -> re.Pattern[str]:

@@ -86,7 +86,9 @@ class Engine:
         self.source = source
         self.procfs = procfs or ProcFS(settings.proc_root)
         self.adjuster = Adjuster(self.procfs, dry_run=settings.dry_run)
-        self.group_policy = GroupKillPolicy(self.procfs, settings.group_kill, settings.dry_run)
+        self.group_policy = GroupKillPolicy(
+            self.procfs, settings.group_kill, settings.dry_run, settings.cgroup_root
+        )
         self.protected: dict[int, Protected] = {}
         self.counters = Counters()
         self.listeners: list[Listener] = []
