@@ -19,7 +19,7 @@ from loguru import logger
 from watcher.adjust import Adjuster, Outcome, Result
 from watcher.config import Settings
 from watcher.errors import AccessDenied, ProcessGone
-from watcher.groupkill import cannot_lower_message, survives_group_kill
+from watcher.groupkill import cannot_lower_message, kills_as_group, survives_group_kill
 from watcher.identity import inspect
 from watcher.match import (
     OOM_SCORE_ADJ_MIN,
@@ -61,10 +61,18 @@ class Protected:
         return self.applied.plan.children_score
 
     @property
+    def group_kill(self) -> Optional[bool]:
+        """Does its cgroup kill as a group now (after an ungroup write, as read back)?"""
+        if self.applied is None:
+            return None
+        if self.applied.ungrouped:
+            # Read back after the write: a flagged ancestor still kills it as a group.
+            return kills_as_group(self.applied.facts)
+        return self.applied.plan.group_kill
+
+    @property
     def survives_group_kill(self) -> Optional[bool]:
-        group = None if self.applied is None else self.applied.plan.group_kill
-        if self.applied is not None and self.applied.ungrouped:
-            group = False
+        group = self.group_kill
         if not self.score_ok:
             # The kernel refused the target: the postmaster is above it, so above -1000.
             return True if group is False else (None if group is None else False)

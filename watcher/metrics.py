@@ -137,11 +137,7 @@ class EngineCollector(Collector):
         )
         tally: dict[tuple[str, str], int] = {}
         for entry in entries:
-            applied = getattr(entry, "applied", None)
-            group = None if applied is None else applied.plan.group_kill
-            if applied is not None and applied.ungrouped:
-                group = False
-            key = (_yes_no(group), _yes_no(entry.survives_group_kill))
+            key = (_yes_no(entry.group_kill), _yes_no(entry.survives_group_kill))
             tally[key] = tally.get(key, 0) + 1
         for (group_text, survives_text), count in sorted(tally.items()):
             effective.add_metric([group_text, survives_text], count)
