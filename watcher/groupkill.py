@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from watcher.errors import UsageError
-from watcher.match import OOM_SCORE_ADJ_MIN
+from watcher.limits import GROUP_KILL_POLICIES, OOM_SCORE_ADJ_MIN
 from watcher.memcg import CgroupReport
 
 # PostgreSQL's documented PG_OOM_ADJUST_VALUE, and what the pgoom image exports.
@@ -40,8 +40,9 @@ class Policy(enum.Enum):
     KEEP = "keep"
 
 
-POLICIES = tuple(p.value for p in Policy)
-DEFAULT_POLICY = Policy.AUTO
+POLICIES = GROUP_KILL_POLICIES
+DEFAULT_POLICY = Policy(POLICIES[0])
+assert tuple(p.value for p in Policy) == POLICIES
 
 
 def parse_policy(text: str, option: str = "--group-kill") -> Policy:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from watcher.doctor import (
+from watcher.commands.doctor.checks import (
     FAIL,
     PASS,
     WARN,
@@ -24,13 +24,12 @@ from watcher.doctor import (
     decide_postmaster_cgroups,
     decide_swap,
     find_floor,
-    kernel_version,
     namespace_verdicts,
-    parse_meminfo,
     render,
     worst_exit_code,
 )
-from watcher.parse import CAP_DAC_OVERRIDE, CAP_SYS_RESOURCE
+from watcher.limits import CAP_DAC_OVERRIDE, CAP_SYS_RESOURCE
+from watcher.parse import kernel_version, parse_meminfo
 
 # CapEff/CapBnd of root on this machine kind: everything but CAP_SYS_RESOURCE (bit 24).
 FULL = (1 << 41) - 1
@@ -184,22 +183,6 @@ def test_namespaces_pid_ns_seen_through_host_proc() -> None:
     unreadable = {"pid": None, "user": None, "net": None}
     facts = _ns(kthreadd=dict(unreadable), pid1=dict(unreadable), nspid_levels=2)
     assert namespace_verdicts(facts)["pid"] is False
-
-
-CGROUP_V1 = """9:name=systemd:/
-4:memory:/process_api/5a4df193dc8112068844355e1e0f6d0c
-1:cpu,cpuacct:/
-0::/
-"""
-CGROUP_V2 = "0::/kubepods.slice/kubepods-burstable.slice/cri-containerd-abc.scope\n"
-MOUNTINFO = (
-    "25 30 0:22 / /proc rw,nosuid - proc proc rw\n"
-    "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n"
-)
-MOUNTINFO_CONTAINER = (
-    "700 690 0:30 /kubepods.slice/kubepods-burstable.slice/cri-containerd-abc.scope "
-    "/sys/fs/cgroup ro,nosuid - cgroup2 cgroup rw\n"
-)
 
 
 def _pm(group: object, adj: int, writable: bool = False, version: int = 2) -> PostmasterCgroup:

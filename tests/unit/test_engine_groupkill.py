@@ -33,6 +33,7 @@ class KernelLikeProcFS(ProcFS):
 
 class NoSource:
     name = "test"
+    reports_forks = True
 
     def open(self) -> None:
         pass
@@ -112,7 +113,7 @@ def test_verify_tick_moves_a_child_left_at_minus_1000(tmp_path: Path) -> None:
     engine, pm, _, tree = _setup(tmp_path, "1\n", "auto")
     engine.scan("test")
     child = _child_at_minus_1000(tree, pm)
-    engine.verify()
+    engine.repair_drift()
     assert _score(engine, child) == 1000
     assert engine.counters.children_off_minus_1000 == 1
 

@@ -5,7 +5,7 @@ DaemonSet's CPU limit, at fixed exec rates.
 Run as root from the repository (PostgreSQL from scripts/setup.sh, for the postmaster
 started mid-load; take the shared lock):
 
-    flock /var/lock/pgoom-itest.lock .venv/bin/python scripts/bench_daemonset.py
+    flock /var/lock/pgoom-itest.lock .venv/bin/python scripts/benchmarks/daemonset.py
     ... --rates 1000 5000 --duration 20 --cpu-limit-m 50 --cpu-limit-m 0
 
 For each CPU limit (millicores; 0 = no limit) and each rate:
@@ -44,7 +44,7 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any, Optional
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 from tests.support.pg import Cluster, Template, wait_for  # noqa: E402
@@ -285,6 +285,7 @@ def run_one(
             0.05,
             what="metrics address in the log",
         )
+        assert isinstance(port_match, re.Match)
         port = int(port_match[1])
         with cpu_group(limit_m) as group:
             if group is not None:
@@ -350,7 +351,7 @@ def run_one(
         "cpu_share_m": cpu / (load_s + (0 if math.isnan(drain_s) else drain_s)) * 1000,
         "drain_s": drain_s,
         "throttled_s": throttled_s,
-        "postmaster_latency_us": None if latency in (None, "-") else int(latency),
+        "postmaster_latency_us": None if latency is None or latency == "-" else int(latency),
     }
 
 

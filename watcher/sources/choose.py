@@ -10,7 +10,7 @@ from loguru import logger
 from watcher.config import Settings
 from watcher.errors import SourceUnavailable
 from watcher.groupkill import Policy
-from watcher.match import OOM_SCORE_ADJ_MIN
+from watcher.limits import OOM_SCORE_ADJ_MIN
 from watcher.sources.base import Source
 
 
