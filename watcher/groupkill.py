@@ -199,12 +199,11 @@ def survives_group_kill(score: Optional[int], group_kill: Optional[bool]) -> Opt
 
 
 def cannot_lower_message(pid: int, facts: CgroupFacts, reason: str) -> str:
-    """The one error where auto's -1000 is refused."""
+    """The one error where auto's -1000 is refused; `reason` is the adjuster's, which
+    already names the capability to grant."""
     return (
-        f"postmaster pid={pid} will not survive a group kill in {_where(facts)}: {reason}. "
-        "Grant CAP_SYS_RESOURCE to pgoom for -1000 (securityContext.capabilities.add: "
-        "[SYS_RESOURCE]), or run pgoom where it may write the host's cgroupfs and use "
-        "--group-kill ungroup"
+        f"postmaster pid={pid} will not survive a group kill in {_where(facts)} (only -1000 "
+        f"does): {reason}; or, where pgoom may write the host's cgroupfs, --group-kill ungroup"
     )
 
 

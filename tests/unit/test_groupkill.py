@@ -124,9 +124,11 @@ def test_keep_warns_that_it_will_not_survive() -> None:
     assert decided.note is not None and "will NOT survive" in decided.note
 
 
-def test_cannot_lower_names_the_capability() -> None:
-    message = groupkill.cannot_lower_message(5, GROUP, "EACCES")
-    assert "CAP_SYS_RESOURCE" in message and "--group-kill ungroup" in message
+def test_cannot_lower_keeps_the_kernels_reason_and_names_both_ways_out() -> None:
+    reason = "cannot lower oom_score_adj of pid 5 from 0 to -1000: ... requires CAP_SYS_RESOURCE"
+    message = groupkill.cannot_lower_message(5, GROUP, reason)
+    assert message.startswith("postmaster pid=5 will not survive a group kill in ")
+    assert reason in message and "--group-kill ungroup" in message
 
 
 @pytest.mark.parametrize(
