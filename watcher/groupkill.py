@@ -97,12 +97,15 @@ def facts_from(report: CgroupReport) -> CgroupFacts:
 
 def kills_as_group(facts: CgroupFacts) -> Optional[bool]:
     """True where an OOM may kill every task of the postmaster's cgroup; None where that
-    cannot be seen (a v2 cgroup not visible here: under kubelet 1.28+ it does)."""
+    cannot be seen (a v2 cgroup not visible here: under kubelet 1.28+ it does). A visible
+    cgroup is decided by the walk up to the mount (memcg.highest_oom_group): the root
+    cgroup has no memory.oom.group at all and never kills as a group, and a cgroup
+    without the memory controller is charged to, and killed with, its ancestors."""
     if facts.version != 2:
         return False  # v1 has no group kill; no memory cgroup: nothing to kill as a group
     if facts.group_kill_at is not None:
         return True
-    if facts.directory is None or facts.own_oom_group is None:
+    if facts.directory is None:
         return None
     return False
 

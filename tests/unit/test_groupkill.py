@@ -24,6 +24,7 @@ GROUP = CgroupFacts(2, CONTAINER, f"/sys/fs/cgroup{CONTAINER}", True, f"/sys/fs/
 UNGROUPED = CgroupFacts(2, CONTAINER, f"/sys/fs/cgroup{CONTAINER}", False, None)
 SIDECAR = CgroupFacts(2, "/../cri-containerd-db.scope", None, None, None)
 NONE = CgroupFacts(None)
+ROOT = CgroupFacts(2, "/", "/sys/fs/cgroup", None, None)  # the root cgroup: no flag file
 ANCESTOR = CgroupFacts(2, CONTAINER, f"/sys/fs/cgroup{CONTAINER}", False, f"/sys/fs/cgroup{POD}")
 BOTH = CgroupFacts(2, CONTAINER, f"/sys/fs/cgroup{CONTAINER}", True, f"/sys/fs/cgroup{POD}")
 
@@ -38,6 +39,7 @@ BOTH = CgroupFacts(2, CONTAINER, f"/sys/fs/cgroup{CONTAINER}", True, f"/sys/fs/c
         (SIDECAR, None),
         (ANCESTOR, True),
         (BOTH, True),
+        (ROOT, False),
     ],
 )
 def test_kills_as_group(facts: CgroupFacts, expected: Optional[bool]) -> None:
@@ -45,7 +47,7 @@ def test_kills_as_group(facts: CgroupFacts, expected: Optional[bool]) -> None:
 
 
 @pytest.mark.parametrize("policy", list(Policy))
-@pytest.mark.parametrize("facts", [V1, NONE, UNGROUPED])
+@pytest.mark.parametrize("facts", [V1, NONE, UNGROUPED, ROOT])
 def test_no_group_kill_keeps_the_configured_scores(policy: Policy, facts: CgroupFacts) -> None:
     decided = plan(policy, -900, None, facts)
     assert (decided.score, decided.children_score, decided.ungroup) == (-900, None, False)
