@@ -67,6 +67,7 @@ def watch(
     dry_run: Annotated[bool, _option(options.DRY_RUN)] = False,
     rcvbuf: Annotated[int, _option(options.RCVBUF)] = options.RCVBUF.default,
     realtime: Annotated[bool, _option(options.REALTIME)] = False,
+    group_kill: Annotated[str, _option(options.GROUP_KILL)] = options.GROUP_KILL.default,
     metrics_address: Annotated[
         str, _option(options.METRICS_ADDRESS)
     ] = options.METRICS_ADDRESS.default,
@@ -129,6 +130,7 @@ def watch_args(ctx: typer.Context) -> "WatchArgs":
         dry_run=p["dry_run"],
         rcvbuf_bytes=p["rcvbuf"],
         realtime=p["realtime"],
+        group_kill=p["group_kill"],
         metrics_address=p["metrics_address"],
         config=p["config"],
         explicit=frozenset(explicit),

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from watcher.errors import UsageError
+from watcher.groupkill import DEFAULT_POLICY, Policy
 from watcher.limits import DEFAULT_PATTERN, DEFAULT_SCORE
 from watcher.match import Rule
 from watcher.options import (
@@ -17,6 +18,7 @@ from watcher.options import (
     DEFAULT_LOG_FILE,
     DEFAULT_RCVBUF_BYTES,
     DEFAULT_VERIFY_INTERVAL_S,
+    GROUP_KILL,
     INTERVAL,
     LOG_LEVEL,
     PATTERN,
@@ -45,10 +47,12 @@ class Settings:
     fallback: bool = True
     rcvbuf_bytes: int = DEFAULT_RCVBUF_BYTES
     realtime: bool = False  # SCHED_FIFO: the exec -> protected tail is CPU contention
+    group_kill: Policy = DEFAULT_POLICY  # what to do where the cgroup kills as a group
     ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S
     proc_root: str = "/proc"
     # Server binaries trusted although root does not own their path (watcher.binary).
     trusted_binaries: tuple[str, ...] = ()
+    cgroup_root: str = ""  # prefixes the cgroup mount points (unit tests: a fake cgroupfs)
 
 
 def compile_pattern(text: str, where: str = PATTERN.flag) -> re.Pattern[str]:
@@ -104,6 +108,8 @@ def make_settings(
     ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S,
     proc_root: str = "/proc",
     trusted_binaries: tuple[str, ...] = (),
+    group_kill: str = DEFAULT_POLICY.value,
+    cgroup_root: str = "",
 ) -> Settings:
     """Settings from values already taken from the command line, environment or file,
     each checked by its declaration in watcher.options."""
@@ -112,6 +118,7 @@ def make_settings(
     VERIFY_INTERVAL.validate(verify_interval_s)
     RCVBUF.validate(rcvbuf_bytes)
     log_level = LOG_LEVEL.validate(log_level).upper()
+    policy = Policy(GROUP_KILL.validate(group_kill).strip().lower())
     dirs = [check_data_dir(d) for d in (data_dirs or [])]
     if source == "inotify" and not dirs:
         raise UsageError("--source inotify needs at least one --data-dir (e.g. /pgdata/pg16)")
@@ -131,4 +138,6 @@ def make_settings(
         ack_timeout_s=ack_timeout_s,
         proc_root=proc_root,
         trusted_binaries=tuple(TRUSTED_BINARY.validate(list(trusted_binaries)) or ()),
+        group_kill=policy,
+        cgroup_root=cgroup_root,
     )

@@ -33,6 +33,7 @@ from watcher.options import (
     DRY_RUN,
     FALLBACK,
     FILE_KEYS,
+    GROUP_KILL,
     INTERVAL,
     LOG_FILE,
     LOG_JSON,
@@ -99,6 +100,7 @@ class WatchArgs:
     dry_run: bool = False
     rcvbuf_bytes: int = DEFAULT_RCVBUF_BYTES
     realtime: bool = False
+    group_kill: str = GROUP_KILL.default
     metrics_address: str = ""
     config: Optional[str] = None
     explicit: frozenset[str] = frozenset()
@@ -326,6 +328,7 @@ def resolve(args: WatchArgs) -> Resolved:
         rcvbuf_bytes=pick(RCVBUF, args.rcvbuf_bytes),
         realtime=pick(REALTIME, args.realtime),
         trusted_binaries=tuple(pick(TRUSTED_BINARY, args.trusted_binaries)),
+        group_kill=pick(GROUP_KILL, args.group_kill),
     )
     if use_file_rules:
         rules = [_to_rule(spec, score, children_score, args.explicit) for spec in file_rules]

@@ -23,8 +23,10 @@ from watcher.errors import AccessDenied, ProcessGone
 from watcher.events import (
     Adjusted,
     ChildAdjusted,
+    ChildOffMinus1000,
     Exited,
     Failed,
+    GroupKillNote,
     Kept,
     Listener,
     Notice,
@@ -32,9 +34,12 @@ from watcher.events import (
     Refused,
     Rescanned,
 )
+from watcher.groupkill import cannot_lower_message, kills_as_group, survives_group_kill
+from watcher.limits import OOM_SCORE_ADJ_MIN
 from watcher.match import Facts, Rule, might_be_postmaster
 from watcher.outcomes import OutcomeLog
 from watcher.parse import Stat
+from watcher.policy import Applied, GroupKillPolicy
 from watcher.procfs import ProcFS
 from watcher.sources.base import Event, Examine, Forked, Rescan, Source
 from watcher.untrusted import shown_argv
@@ -49,6 +54,37 @@ class Protected:
     score_ok: bool  # False while the kernel refuses the target (EACCES): retried at verify
     uid: Optional[int] = None  # the uid it was confirmed as: drift repair writes only that
     children_done: set[tuple[int, int]] = field(default_factory=set)
+    # The group-kill policy's plan: the score and children's score actually in force (-1000
+    # and the children score where the cgroup kills as a group), and the cgroup it read.
+    applied: Optional[Applied] = None
+
+    @property
+    def target(self) -> int:
+        return self.rule.score if self.applied is None else self.applied.plan.score
+
+    @property
+    def children_score(self) -> Optional[int]:
+        if self.applied is None:
+            return self.rule.children_score
+        return self.applied.plan.children_score
+
+    @property
+    def group_kill(self) -> Optional[bool]:
+        """Does its cgroup kill as a group now (after an ungroup write, as read back)?"""
+        if self.applied is None:
+            return None
+        if self.applied.ungrouped:
+            # Read back after the write: a flagged ancestor still kills it as a group.
+            return kills_as_group(self.applied.facts)
+        return self.applied.plan.group_kill
+
+    @property
+    def survives_group_kill(self) -> Optional[bool]:
+        group = self.group_kill
+        if not self.score_ok:
+            # The kernel refused the target: the postmaster is above it, so above -1000.
+            return True if group is False else (None if group is None else False)
+        return survives_group_kill(self.target, group)
 
 
 @dataclass
@@ -57,6 +93,7 @@ class Counters:
     adjustments: int = 0
     failures: dict[str, int] = field(default_factory=dict)
     drift_repairs: int = 0
+    children_off_minus_1000: int = 0  # children found at -1000 beside a -1000 postmaster
 
 
 class Engine:
@@ -65,6 +102,9 @@ class Engine:
         self.source = source
         self.procfs = procfs or ProcFS(settings.proc_root)
         self.adjuster = Adjuster(self.procfs, dry_run=settings.dry_run)
+        self.group_policy = GroupKillPolicy(
+            self.procfs, settings.group_kill, settings.dry_run, settings.cgroup_root
+        )
         self.protected: dict[int, Protected] = {}
         self.counters = Counters()
         # The outcome log listens like the others (watcher.outcomes); metrics and systemd
@@ -78,10 +118,9 @@ class Engine:
         self._hangup = False
         self._wake_r, self._wake_w = socket.socketpair()
         # Without fork events (inotify, poll) children of protected postmasters are found by
-        # scanning every --interval; with netlink the Forked events cover them.
-        self._scan_children = not source.reports_forks and any(
-            r.children_score is not None for r in settings.rules
-        )
+        # scanning every --interval; with netlink the Forked events cover them. A postmaster
+        # the group-kill policy puts at -1000 needs its children moved too, whatever the rules.
+        self._fork_events = source.reports_forks
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -111,7 +150,7 @@ class Engine:
                 # Idle event mode has no timer unless there is something to verify: 0 wakeups.
                 if self.protected or not event_driven:
                     deadlines.append(next_verify)
-                if self._scan_children and self.protected:
+                if self._scan_children():
                     deadlines.append(next_children)
                 timeout = max(0.0, min(deadlines) - now) if deadlines else None
                 ready = selector.select(timeout)
@@ -133,7 +172,7 @@ class Engine:
                 if now >= next_verify:
                     self.repair_drift(full_scan=not event_driven)
                     next_verify = now + self.settings.verify_interval_s
-                if self._scan_children and now >= next_children:
+                if self._scan_children() and now >= next_children:
                     self.adjust_children()
                     next_children = now + self.settings.interval_s
         finally:
@@ -200,9 +239,22 @@ class Engine:
             # is not one (a symlink out of /pgdata), or a data-dir rule names another.
             self._refuse(facts, "uncovered", f"no rule covers data directory {facts.data_dir}")
             return None
-        result = self.adjuster.set_score(pid, start, rule.score, only_lower=True, uid=facts.uid)
+        # The cgroup is read for every new postmaster: a restarted container is a new cgroup
+        # (kubelet sets memory.oom.group=1 again), and the plan decides the score to write.
+        applied = self.group_policy.apply(pid, rule.score, rule.children_score)
+        for error in applied.errors:
+            self._emit(GroupKillNote(pid, start, "group-kill-error", "error", error))
+        if applied.plan.note:
+            self._emit(
+                GroupKillNote(
+                    pid, start, "group-kill-note", applied.plan.note_level, applied.plan.note
+                )
+            )
+        result = self.adjuster.set_score(
+            pid, start, applied.plan.score, only_lower=True, uid=facts.uid
+        )
         latency_us = (time.monotonic_ns() - ts_ns) // 1000 if ts_ns else None
-        self._record(facts, rule, result, latency_us, finding.method)
+        self._record(facts, rule, result, latency_us, finding.method, applied)
         return result
 
     def _refuse(self, facts: Facts, cause: str, reason: str) -> None:
@@ -218,7 +270,13 @@ class Engine:
         )
 
     def _record(
-        self, facts: Facts, rule: Rule, result: Result, latency_us: Optional[int], method: str
+        self,
+        facts: Facts,
+        rule: Rule,
+        result: Result,
+        latency_us: Optional[int],
+        method: str,
+        applied: Optional[Applied] = None,
     ) -> None:
         """Keep the protected set in step with the write's outcome, then tell the listeners."""
         pid, start = facts.pid, facts.stat.starttime_ticks
@@ -229,11 +287,16 @@ class Engine:
         if known is not None and known.starttime_ticks == start:
             known.rule = rule  # a re-read configuration may have changed it
         else:
-            known = Protected(pid, start, facts.data_dir, rule, score_ok=True, uid=facts.uid)
+            known = Protected(
+                pid, start, facts.data_dir, rule, score_ok=True, uid=facts.uid, applied=applied
+            )
             self.protected[pid] = known
             if facts.data_dir:
                 self.source.add_data_dir(facts.data_dir)
+        if applied is not None:
+            known.applied = applied  # a rescan reads the cgroup again
         known.score_ok = result.outcome is not Outcome.DENIED
+        target = known.target
         if result.outcome is Outcome.ADJUSTED:
             self.counters.adjustments += 1
             self._emit(
@@ -241,7 +304,7 @@ class Engine:
                     pid=pid,
                     data_dir=facts.data_dir,
                     old=result.old,
-                    new=rule.score,
+                    new=target,
                     source=self.source.name,
                     latency_us=latency_us,
                     method=method,
@@ -255,7 +318,7 @@ class Engine:
                     start=start,
                     data_dir=facts.data_dir,
                     old=result.old,
-                    target=rule.score,
+                    target=target,
                     dry_run=result.outcome is Outcome.DRY_RUN,
                 )
             )
@@ -267,19 +330,32 @@ class Engine:
                     start=start,
                     data_dir=facts.data_dir,
                     reason="denied",
-                    message=result.reason,
+                    message=self._denied_reason(known, result),
                     protected=len(self.protected),
                 )
             )
 
+    @staticmethod
+    def _denied_reason(known: Protected, result: Result) -> str:
+        applied = known.applied
+        if (
+            applied is not None
+            and applied.plan.group_kill is not False
+            and known.target == OOM_SCORE_ADJ_MIN
+        ):
+            # The one error says what the group kill needs, not only what the kernel said.
+            return cannot_lower_message(known.pid, applied.facts, result.reason)
+        return result.reason
+
     def forked(self, event: Forked) -> None:
         parent = self.protected.get(event.parent)
-        if parent is None or parent.rule.children_score is None:
+        if parent is None or parent.children_score is None:
             return
         self._adjust_child(parent, event.child)
 
     def _adjust_child(self, parent: Protected, child: int) -> None:
-        assert parent.rule.children_score is not None
+        children_score = parent.children_score
+        assert children_score is not None
         try:
             stat = self.procfs.stat(child)
         except (ProcessGone, AccessDenied):
@@ -287,7 +363,7 @@ class Engine:
         key = (child, stat.starttime_ticks)
         if stat.ppid != parent.pid or key in parent.children_done:
             return
-        result = self.adjuster.set_score(child, stat.starttime_ticks, parent.rule.children_score)
+        result = self.adjuster.set_score(child, stat.starttime_ticks, children_score)
         if result.outcome in (Outcome.ADJUSTED, Outcome.UNCHANGED, Outcome.DRY_RUN):
             parent.children_done.add(key)
         if result.outcome in (Outcome.ADJUSTED, Outcome.DENIED):
@@ -298,10 +374,21 @@ class Engine:
                 )
             )
 
-    def adjust_children(self) -> None:
-        """Without fork events (inotify, poll), children are found by scanning."""
+    def _scan_children(self) -> bool:
+        return not self._fork_events and any(
+            p.children_score is not None for p in self.protected.values()
+        )
+
+    def adjust_children(self, only_minus_1000: bool = False) -> None:
+        """Without fork events (inotify, poll), children are found by scanning. With
+        `only_minus_1000` (every verify tick, whatever the source): the children of
+        postmasters at -1000, so that none is left unkillable beside it."""
         for parent in list(self.protected.values()):
-            if parent.rule.children_score is None:
+            if parent.children_score is None:
+                continue
+            if only_minus_1000:
+                if parent.target == OOM_SCORE_ADJ_MIN:
+                    self._children_off_minus_1000(parent)
                 continue
             try:
                 children = self.procfs.children(parent.pid)
@@ -311,6 +398,28 @@ class Engine:
                 self._adjust_child(parent, child)
             alive = set(children)
             parent.children_done = {k for k in parent.children_done if k[0] in alive}
+
+    def _children_off_minus_1000(self, parent: Protected) -> None:
+        """No child stays at -1000 beside a postmaster there: an unkillable runaway backend
+        would leave the OOM killer nothing to kill but its siblings. Reads every child's
+        score (a child may have written its own PG_OOM_ADJUST_VALUE after pgoom's write)."""
+        children_score = parent.children_score
+        assert children_score is not None
+        try:
+            children = self.procfs.children(parent.pid)
+        except (ProcessGone, AccessDenied):
+            return
+        for child in children:
+            try:
+                stat = self.procfs.stat(child)
+                if stat.ppid != parent.pid or self.procfs.oom_score_adj(child) != OOM_SCORE_ADJ_MIN:
+                    continue
+            except (ProcessGone, AccessDenied):
+                continue
+            result = self.adjuster.set_score(child, stat.starttime_ticks, children_score)
+            if result.outcome is Outcome.ADJUSTED:
+                self.counters.children_off_minus_1000 += 1
+                self._emit(ChildOffMinus1000(child, parent.pid, children_score))
 
     # --- scanning and verifying ------------------------------------------------------------
 
@@ -340,8 +449,21 @@ class Engine:
                 self._emit(Exited(pid=pid, data_dir=known.data_dir, protected=len(self.protected)))
                 continue
             result = self.adjuster.set_score(
-                pid, known.starttime_ticks, known.rule.score, only_lower=True, uid=known.uid
+                pid, known.starttime_ticks, known.target, only_lower=True, uid=known.uid
             )
+            if result.outcome is Outcome.DENIED:
+                # Retried every tick; the outcome log reports it once (then at debug). Not
+                # counted again: pgoom_failures_total counts postmasters, not retries.
+                self._emit(
+                    Failed(
+                        pid=pid,
+                        start=known.starttime_ticks,
+                        data_dir=known.data_dir,
+                        reason="denied",
+                        message=self._denied_reason(known, result),
+                        protected=len(self.protected),
+                    )
+                )
             if result.outcome is Outcome.ADJUSTED:
                 self.counters.drift_repairs += 1
                 known.score_ok = True
@@ -350,13 +472,14 @@ class Engine:
                         pid=pid,
                         data_dir=known.data_dir,
                         old=result.old,
-                        new=known.rule.score,
+                        new=known.target,
                         source="verify",
                         latency_us=None,
                         method="drift",
                         protected=len(self.protected),
                     )
                 )
+        self.adjust_children(only_minus_1000=True)
         if full_scan:
             self.scan("periodic")
 

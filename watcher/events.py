@@ -88,11 +88,44 @@ class ChildAdjusted:
 
 
 @dataclass(frozen=True)
+class GroupKillNote:
+    """What the group-kill policy did or could not do for one postmaster (watcher.policy):
+    the one line that says why its score is not the configured one, the warning that it
+    will not survive, or the error that names what to grant."""
+
+    pid: int
+    start: int
+    key: str  # "group-kill-note" or "group-kill-error": each logged once per postmaster
+    level: str  # "info", "warning", "error"
+    message: str
+
+
+@dataclass(frozen=True)
+class ChildOffMinus1000:
+    """A child found at -1000 beside a postmaster at -1000, moved to the children score."""
+
+    pid: int
+    parent: int
+    new: int
+
+
+@dataclass(frozen=True)
 class Exited:
     pid: int
     data_dir: Optional[str]
     protected: int
 
 
-Notice = Union[Ready, Rescanned, Adjusted, Kept, Refused, Failed, ChildAdjusted, Exited]
+Notice = Union[
+    Ready,
+    Rescanned,
+    Adjusted,
+    Kept,
+    Refused,
+    Failed,
+    ChildAdjusted,
+    GroupKillNote,
+    ChildOffMinus1000,
+    Exited,
+]
 Listener = Callable[[Notice], None]

@@ -18,6 +18,9 @@ DEFAULT_PATTERN = r"^postgres -D /pgdata/pg[^/]*$"
 
 # The largest pid_max the kernel allows (PID_MAX_LIMIT on 64-bit, include/linux/threads.h).
 PID_MAX = 4 * 1024 * 1024
+# --group-kill: what pgoom does where a postmaster's memory cgroup kills as a group
+# (watcher.groupkill); the first is the default.
+GROUP_KILL_POLICIES = ("auto", "ungroup", "keep")
 
 # linux/capability.h
 CAP_DAC_OVERRIDE = 1
@@ -34,6 +37,7 @@ EXIT_NOT_FOUND = 3  # adjust/verify: no such process / no postmaster found
 EXIT_DENIED = 4  # the kernel refused the write (floor, missing capability)
 EXIT_NOT_POSTMASTER = 5  # adjust: the process failed the identity check (use --force)
 EXIT_SOURCE_UNAVAILABLE = 6  # the requested event source cannot work here
+EXIT_GROUP_KILL = 7  # verify: at its score, but would die in a group kill (memory.oom.group)
 EXIT_CANNOT_EXECUTE = 126  # exec: CMD found but not executable
 EXIT_COMMAND_NOT_FOUND = 127  # exec: CMD not found
 

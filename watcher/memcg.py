@@ -41,6 +41,10 @@ _V1_UNLIMITED_BYTES = 1 << 62
 _PATH_MAX = 4096
 _STAT_BYTES = 16384
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+# How far _find_below looks for the levels a cgroup namespace hides: kubepods.slice /
+# kubepods-<qos>.slice / kubepods-<qos>-pod<uid>.slice / the container is depth 3 at most.
+_GAP_MAX_DEPTH = 4
+_GAP_MAX_ENTRIES = 4096
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,15 @@ class MemoryState:
     working_set_bytes: Optional[int]
     oom_group: Optional[bool]  # v2 memory.oom.group; None on v1 (no group kill there)
     oom_kills: Optional[int]  # v2 memory.events oom_kill; v1 memory.oom_control oom_kill
+
+
+@dataclass(frozen=True)
+class CgroupReport:
+    """A process's memory cgroup, its memory now and where a group kill would come from."""
+
+    cgroup: Optional[MemCgroup]
+    state: Optional[MemoryState]
+    group_kill_at: Optional[str]  # CgroupView.highest_oom_group
 
 
 # --- pure parsers ----------------------------------------------------------------------
@@ -133,27 +146,55 @@ def memory_cgroup_line(lines: list[CgroupLine]) -> Optional[tuple[int, str]]:
     return None
 
 
+def split_cgroup_path(path: str) -> Optional[tuple[int, list[str]]]:
+    """(leading '..' count, the names after them) of a cgroup path as this process's cgroup
+    namespace shows it; None for anything we must not follow ('.' or '..' after a name,
+    control characters, a relative or overlong path). The kernel prints a cgroup outside
+    our namespace, and the root of a mount of one, as '/../../name/...'."""
+    if len(path) > _PATH_MAX or _CONTROL_CHARS.search(path) or not path.startswith("/"):
+        return None
+    parts = [p for p in path.split("/") if p]
+    ups = 0
+    while ups < len(parts) and parts[ups] == "..":
+        ups += 1
+    names = parts[ups:]
+    if any(p in (".", "..") for p in names):
+        return None
+    return ups, names
+
+
+def _join(mount_point: str, names: list[str]) -> str:
+    base = mount_point.rstrip("/") or "/"
+    if not names:
+        return base
+    rel = "/".join(names)
+    return f"{base}/{rel}" if base != "/" else f"/{rel}"
+
+
 def cgroup_dir(cgroup_path: str, mount_root: str, mount_point: str) -> Optional[str]:
     """Where cgroup `cgroup_path` appears under a mount of `mount_root` at `mount_point`,
     or None where it is outside that mount (a sibling container's cgroup seen from inside
-    a cgroup namespace starts with '/..') or names something we must not follow."""
-    if (
-        len(cgroup_path) > _PATH_MAX
-        or _CONTROL_CHARS.search(cgroup_path)
-        or not cgroup_path.startswith("/")
-    ):
+    a cgroup namespace starts with '/..'), needs a look at the tree (unresolved_depth), or
+    names something we must not follow."""
+    path, root = split_cgroup_path(cgroup_path), split_cgroup_path(mount_root)
+    if path is None or root is None or path[0] != root[0]:
         return None
-    parts = [p for p in cgroup_path.split("/") if p]
-    if any(p in (".", "..") for p in parts):
+    names, root_names = path[1], root[1]
+    if names[: len(root_names)] != root_names:
         return None
-    root_parts = [p for p in mount_root.split("/") if p]
-    if parts[: len(root_parts)] != root_parts:
+    return _join(mount_point, names[len(root_names) :])
+
+
+def unresolved_depth(cgroup_path: str, mount_root: str) -> Optional[tuple[int, list[str]]]:
+    """A mount of a cgroup *above* our cgroup namespace (the host's cgroupfs mounted into a
+    node-wide pod) shows its root as '/../../..', a process's cgroup as '/../pod/ctr': both
+    relative to our namespace, whose ancestors' names are not printed. Returns (how many
+    unnamed levels lie between the mount's root and the path's first name, those names),
+    or None where no such gap exists or the path is not below the mount."""
+    path, root = split_cgroup_path(cgroup_path), split_cgroup_path(mount_root)
+    if path is None or root is None or root[1] or path[0] >= root[0]:
         return None
-    rel = "/".join(parts[len(root_parts) :])
-    base = mount_point.rstrip("/") or "/"
-    if not rel:
-        return base
-    return f"{base}/{rel}" if base != "/" else f"/{rel}"
+    return root[0] - path[0], path[1]
 
 
 def parse_flat_keyed(text: str) -> dict[str, int]:
@@ -226,13 +267,48 @@ class CgroupView:
         return MemCgroup(version, path, self._directory(version, path))
 
     def _directory(self, version: int, path: str) -> Optional[str]:
+        gaps: list[tuple[CgroupMount, int, list[str]]] = []
         for mount in self.mounts():
             if mount.version != version or (version == 1 and "memory" not in mount.controllers):
                 continue
             directory = cgroup_dir(path, mount.root, mount.mount_point)
             if directory is not None and os.path.isdir(self.fs_root + directory):
                 return directory
+            gap = unresolved_depth(path, mount.root)
+            if gap is not None:
+                gaps.append((mount, *gap))
+        for mount, depth, names in gaps:
+            found = self._find_below(mount.mount_point, depth, names)
+            if found is not None:
+                return found
         return None
+
+    def _find_below(self, mount_point: str, depth: int, names: list[str]) -> Optional[str]:
+        """The one directory `depth` unnamed levels below the mount point followed by
+        `names`. Bounded: a few levels, a few thousand entries each (a node has a handful
+        of slices at the top); two matches are ambiguous and yield None."""
+        if depth > _GAP_MAX_DEPTH or not names:
+            return None
+        level = [mount_point.rstrip("/") or "/"]
+        for _ in range(depth):
+            below: list[str] = []
+            for directory in level:
+                try:
+                    with os.scandir(self.fs_root + directory) as entries:
+                        for index, entry in enumerate(entries):
+                            if index >= _GAP_MAX_ENTRIES:
+                                break
+                            if entry.is_dir(follow_symlinks=False):
+                                below.append(_join(directory, [entry.name]))
+                except OSError:
+                    continue
+            level = below
+        matches = [
+            candidate
+            for candidate in (_join(d, names) for d in level)
+            if os.path.isdir(self.fs_root + candidate)
+        ]
+        return matches[0] if len(matches) == 1 else None
 
     def _read(self, directory: str, name: str, limit: int = 4096) -> Optional[str]:
         try:
@@ -319,6 +395,35 @@ class CgroupView:
             if mount.version == 2 and inside and (best is None or len(point) > len(best)):
                 best = point
         return best
+
+    def highest_oom_group(self, cgroup: MemCgroup) -> Optional[str]:
+        """The highest directory, from the cgroup up to its mount point, whose
+        memory.oom.group is 1; None where none is (or v1, or not visible).
+
+        The kernel (mem_cgroup_get_oom_group) walks from the victim's cgroup up to the one
+        whose limit was hit and kills the highest flagged one whole: a flagged ancestor (a
+        pod or slice) kills the postmaster's cgroup with it in any OOM that reaches it."""
+        if cgroup.version != 2 or cgroup.directory is None:
+            return None
+        top = self._mount_point_of(cgroup.directory)
+        highest: Optional[str] = None
+        current = cgroup.directory
+        while top is not None:
+            text = self._read(current, "memory.oom.group")
+            if text is not None and text.strip() == "1":
+                highest = current
+            if current == top or not current.startswith(top):
+                break
+            current = os.path.dirname(current)
+        return highest
+
+    def observe(self, pid: int) -> CgroupReport:
+        """Everything status, verify, doctor and the engine show or decide on for `pid`.
+        Raises ProcessGone / AccessDenied from /proc."""
+        cgroup = self.locate(pid)
+        if cgroup is None:
+            return CgroupReport(None, None, None)
+        return CgroupReport(cgroup, self.state(cgroup), self.highest_oom_group(cgroup))
 
     # --- the one cgroup write -----------------------------------------------------------
 

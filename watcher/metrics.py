@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 from watcher import __version__
 from watcher.errors import UsageError
 from watcher.events import Adjusted, Exited, Notice, Ready, Rescanned
+from watcher.limits import GROUP_KILL_POLICIES
 from watcher.parse import parse_address
 
 if TYPE_CHECKING:
@@ -49,6 +50,10 @@ SOURCES = ("netlink", "inotify", "poll")
 # Source stats that mean "the kernel dropped events" (ENOBUFS on the netlink socket,
 # IN_Q_OVERFLOW on inotify), whichever name a source uses for them.
 LOST_STAT_KEYS = ("enobufs", "lost", "overflows")
+
+
+def _yes_no(value: Optional[bool]) -> str:
+    return "unknown" if value is None else ("yes" if value else "no")
 
 
 class EngineCollector(Collector):
@@ -101,6 +106,39 @@ class EngineCollector(Collector):
         protected.add_metric(["true"], ok)
         protected.add_metric(["false"], len(entries) - ok)
         yield protected
+
+        policy = GaugeMetricFamily(
+            "pgoom_group_kill_policy",
+            "1 for the --group-kill policy in force (auto, ungroup, keep).",
+            labels=["policy"],
+        )
+        in_force = engine.settings.group_kill.value
+        for name in GROUP_KILL_POLICIES:
+            policy.add_metric([name], 1 if name == in_force else 0)
+        yield policy
+
+        effective = GaugeMetricFamily(
+            "pgoom_protected_postmasters_group_kill",
+            "Protected postmasters by whether their memory cgroup kills as a group "
+            "(group_kill) and whether their score in force survives that (survives): "
+            "survives=no is a postmaster at its score that still dies in an OOM.",
+            labels=["group_kill", "survives"],
+        )
+        tally: dict[tuple[str, str], int] = {}
+        for entry in entries:
+            pair = (_yes_no(entry.group_kill), _yes_no(entry.survives_group_kill))
+            tally[pair] = tally.get(pair, 0) + 1
+        for (group_text, survives_text), count in sorted(tally.items()):
+            effective.add_metric([group_text, survives_text], count)
+        yield effective
+
+        kept_off = CounterMetricFamily(
+            "pgoom_children_off_minus_1000",
+            "Children found at -1000 beside a postmaster at -1000 and moved to the children "
+            "score (a child there would be unkillable).",
+        )
+        kept_off.add_metric([], counters.children_off_minus_1000)
+        yield kept_off
 
         active = GaugeMetricFamily(
             "pgoom_source_active", "1 for the event source in use.", labels=["source"]

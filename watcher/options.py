@@ -19,7 +19,13 @@ from dataclasses import dataclass
 from typing import Any, Generic, Optional, TypeVar
 
 from watcher.errors import UsageError
-from watcher.limits import DEFAULT_PATTERN, DEFAULT_SCORE, data_dir_problem, score_problem
+from watcher.limits import (
+    DEFAULT_PATTERN,
+    DEFAULT_SCORE,
+    GROUP_KILL_POLICIES,
+    data_dir_problem,
+    score_problem,
+)
 from watcher.parse import parse_address
 
 T = TypeVar("T")
@@ -281,6 +287,18 @@ REALTIME = Option(
     key="realtime",
     kinds=(bool,),
 )
+GROUP_KILL = Option(
+    "--group-kill",
+    "auto",
+    "auto|ungroup|keep: where the postmaster's memory cgroup kills as a group (cgroup v2 "
+    "memory.oom.group=1, kubelet 1.28+), auto protects with -1000 and keeps its children off "
+    "-1000; ungroup writes 0 to that cgroup's memory.oom.group and keeps --score; keep "
+    "changes nothing (it will not survive a group kill).",
+    env="PGOOM_GROUP_KILL",
+    key="group_kill",
+    kinds=(str,),
+    check=_one_of(GROUP_KILL_POLICIES, lambda text: text.strip().lower()),
+)
 METRICS_ADDRESS = Option(
     "--metrics-address",
     "",
@@ -323,6 +341,7 @@ WATCH: tuple[Option[Any], ...] = (
     DRY_RUN,
     RCVBUF,
     REALTIME,
+    GROUP_KILL,
     METRICS_ADDRESS,
     CONFIG,
 )

@@ -13,8 +13,10 @@ from loguru import logger
 from watcher.events import (
     Adjusted,
     ChildAdjusted,
+    ChildOffMinus1000,
     Exited,
     Failed,
+    GroupKillNote,
     Kept,
     Notice,
     Refused,
@@ -81,6 +83,16 @@ class OutcomeLog:
                     notice.old,
                     notice.new,
                 )
+        elif isinstance(notice, GroupKillNote):
+            self._log_once(notice.pid, notice.start, notice.key, notice.level, "{}", notice.message)
+        elif isinstance(notice, ChildOffMinus1000):
+            logger.warning(
+                "child pid={} of postmaster {} was at -1000: set to {} (no child may stay "
+                "unkillable beside a postmaster at -1000)",
+                notice.pid,
+                notice.parent,
+                notice.new,
+            )
         elif isinstance(notice, Exited):
             logger.info("postmaster pid={} data_dir={} exited", notice.pid, notice.data_dir)
 

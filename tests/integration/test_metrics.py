@@ -108,6 +108,13 @@ def test_metrics_follow_the_engine(watcher: Watcher, two_clusters: tuple[Cluster
     assert value(after, "pgoom_failures_total", reason="denied") == 1
     assert value(after, "pgoom_protected_postmasters", score_ok="true") == 1
     assert value(after, "pgoom_protected_postmasters", score_ok="false") == 1
+    # This host's memory controller is cgroup v1: no group kill, nothing to survive.
+    assert value(after, "pgoom_group_kill_policy", policy="auto") == 1
+    assert value(after, "pgoom_group_kill_policy", policy="keep") == 0
+    assert (
+        value(after, "pgoom_protected_postmasters_group_kill", group_kill="no", survives="yes") == 2
+    )
+    assert value(after, "pgoom_children_off_minus_1000_total") == 0
     assert value(after, "pgoom_events_received_total") > value(
         before, "pgoom_events_received_total"
     )

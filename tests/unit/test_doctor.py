@@ -13,14 +13,15 @@ from watcher.commands.doctor.checks import (
     WARN,
     CheckResult,
     NamespaceFacts,
+    PostmasterCgroup,
     decide_cap_dac_override,
     decide_cap_sys_resource,
     decide_kernel,
     decide_namespaces,
     decide_netlink,
-    decide_oom_group,
     decide_overcommit,
     decide_own_score,
+    decide_postmaster_cgroups,
     decide_swap,
     find_floor,
     namespace_verdicts,
@@ -184,14 +185,46 @@ def test_namespaces_pid_ns_seen_through_host_proc() -> None:
     assert namespace_verdicts(facts)["pid"] is False
 
 
-def test_oom_group() -> None:
-    v1 = decide_oom_group(None, "this process", True, -900)
-    assert v1.status == PASS and "cgroup v1" in v1.detail
-    assert decide_oom_group(None, "x", False, -900).status == PASS
-    assert decide_oom_group("0\n", "x", False, -900).status == PASS
-    group = decide_oom_group("1\n", "/sys/fs/cgroup/pod", False, -900)
-    assert group.status == WARN and "-1000" in group.detail and "--score -1000" in group.fix
-    assert decide_oom_group("1\n", "x", False, -1000).status == PASS
+def _pm(group: object, adj: int, writable: bool = False, version: int = 2) -> PostmasterCgroup:
+    cgroup = {
+        "version": version,
+        "path": "/kubepods.slice/pod/ctr",
+        "group_kill": group,
+        "group_kill_at": "/sys/fs/cgroup/kubepods.slice/pod/ctr" if group else None,
+    }
+    survives = True if adj == -1000 or group is False else (None if group is None else False)
+    return PostmasterCgroup(42, adj, cgroup, survives, writable)
+
+
+def test_postmaster_cgroups_none_running() -> None:
+    assert decide_postmaster_cgroups([], True).status == PASS
+
+
+def test_postmaster_cgroups_v1_and_no_group_kill_pass() -> None:
+    result = decide_postmaster_cgroups([_pm(False, -900, version=1)], False)
+    assert result.status == PASS and "cgroup v1" in result.detail
+    assert decide_postmaster_cgroups([_pm(False, -900)], False).status == PASS
+
+
+def test_postmaster_cgroups_group_kill_at_minus_900_fails_with_what_can_fix_it() -> None:
+    result = decide_postmaster_cgroups([_pm(True, -900)], True)
+    assert result.status == FAIL
+    assert "pid 42" in result.detail and "dies in a group kill" in result.detail
+    assert "--group-kill auto can set -1000" in result.detail
+    assert "--group-kill" in result.fix
+    none = decide_postmaster_cgroups([_pm(True, -900)], False)
+    assert "neither -1000" in none.detail
+    assert "ungroup can write" in decide_postmaster_cgroups([_pm(True, -900, True)], False).detail
+
+
+def test_postmaster_cgroups_minus_1000_survives() -> None:
+    result = decide_postmaster_cgroups([_pm(True, -1000)], True)
+    assert result.status == PASS and "-1000 survives" in result.detail
+
+
+def test_postmaster_cgroups_not_visible_warns() -> None:
+    result = decide_postmaster_cgroups([_pm(None, -900)], True)
+    assert result.status == WARN and "not visible" in result.detail
 
 
 MEMINFO_NO_SWAP = (

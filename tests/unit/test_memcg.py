@@ -230,3 +230,51 @@ def test_v1_cgroup_cannot_be_ungrouped(tmp_path: Path) -> None:
         memcg.CgroupView(ProcFS(str(tmp_path))).write_oom_group(
             memcg.MemCgroup(1, "/a", "/sys/fs/cgroup/memory/a"), False
         )
+
+
+# The DaemonSet: its own cgroup namespace, the host's cgroupfs mounted at /host/sys/fs/cgroup.
+# Both mounts' roots and the postmaster's path are printed relative to pgoom's namespace.
+DS_MOUNTINFO = (
+    "30 22 0:26 / /sys/fs/cgroup ro,nosuid - cgroup2 cgroup2 rw,nsdelegate\n"
+    "41 22 0:26 /../../.. /host/sys/fs/cgroup ro,relatime - cgroup2 cgroup2 rw,nsdelegate\n"
+)
+DB_TAIL = "kubepods-burstable.slice/kubepods-burstable-podab.slice/cri-containerd-db.scope"
+
+
+@pytest.mark.parametrize(
+    ("path", "root", "expected"),
+    [
+        ("/../../" + DB_TAIL, "/../../..", (1, DB_TAIL.split("/"))),
+        ("/../../" + DB_TAIL, "/", None),  # the own mount: outside it
+        ("/x", "/../..", (2, ["x"])),
+        ("/../a/../b", "/../../..", None),  # '..' after a name: never followed
+        ("/../../x", "/../../../sub", None),  # a mount of a named subtree: no gap to fill
+    ],
+)
+def test_unresolved_depth(path: str, root: str, expected: object) -> None:
+    assert memcg.unresolved_depth(path, root) == expected
+
+
+def test_daemonset_finds_the_container_through_the_host_mount(tmp_path: Path) -> None:
+    tree = Tree(tmp_path, DS_MOUNTINFO)
+    tree.process(21, f"0::/../../{DB_TAIL}\n")
+    tree.cgroup("/sys/fs/cgroup")  # pgoom's own (namespace root)
+    tree.cgroup("/host/sys/fs/cgroup/system.slice")
+    where = tree.cgroup(
+        f"/host/sys/fs/cgroup/kubepods.slice/{DB_TAIL}", **{"memory.oom.group": "1\n"}
+    )
+    cg = tree.view.locate(21)
+    assert cg is not None
+    assert cg.directory == f"/host/sys/fs/cgroup/kubepods.slice/{DB_TAIL}"
+    assert tree.view.highest_oom_group(cg) == cg.directory
+    tree.view.write_oom_group(cg, False)
+    assert (where / "memory.oom.group").read_text().strip() == "0"
+
+
+def test_daemonset_ambiguous_match_is_not_visible(tmp_path: Path) -> None:
+    tree = Tree(tmp_path, DS_MOUNTINFO)
+    tree.process(22, "0::/../../x/ctr\n")
+    tree.cgroup("/host/sys/fs/cgroup/a/x/ctr")
+    tree.cgroup("/host/sys/fs/cgroup/b/x/ctr")
+    cg = tree.view.locate(22)
+    assert cg is not None and cg.directory is None

@@ -20,23 +20,31 @@ from watcher.commands.doctor.checks import (
     WARN,
     CheckResult,
     NamespaceFacts,
+    PostmasterCgroup,
     decide_cap_dac_override,
     decide_cap_sys_resource,
     decide_inotify,
     decide_kernel,
     decide_namespaces,
     decide_netlink,
-    decide_oom_group,
     decide_overcommit,
     decide_own_score,
+    decide_postmaster_cgroups,
     decide_swap,
     find_floor,
     namespace_verdicts,
 )
 from watcher.errors import AccessDenied, PgoomError, ProcessGone
+from watcher.limits import CAP_SYS_RESOURCE, OOM_SCORE_ADJ_MIN
 from watcher.match import validate_score
 from watcher.memcg import CgroupView
-from watcher.parse import capability_set, parse_meminfo, parse_stat, status_uids
+from watcher.parse import (
+    capability_set,
+    has_capability,
+    parse_meminfo,
+    parse_stat,
+    status_uids,
+)
 from watcher.procfs import ProcFS
 
 # --- gathering --------------------------------------------------------------------------
@@ -142,16 +150,34 @@ def _check_inotify() -> CheckResult:
     return decide_inotify(None)
 
 
-def _check_oom_group(procfs: ProcFS, score: int, view: Optional[CgroupView] = None) -> CheckResult:
-    """memory.oom.group of this process's own memory cgroup (watcher.memcg reads it)."""
-    view = view or CgroupView(procfs)
-    cgroup = view.locate(os.getpid())
-    if cgroup is None or cgroup.version == 1 or cgroup.directory is None:
-        v1 = cgroup is not None and cgroup.version == 1
-        return decide_oom_group(None, "this process", v1, score)
-    state = view.state(cgroup)
-    flag = None if state is None or state.oom_group is None else ("1" if state.oom_group else "0")
-    return decide_oom_group(flag, cgroup.directory, False, score)
+def _check_postmaster_cgroups(procfs: ProcFS, effective: int) -> CheckResult:
+    """Each running postmaster's memory cgroup as this process sees it (watcher.memcg), not
+    the doctor's own: the doctor may run anywhere, the postmaster's cgroup decides."""
+    from watcher.commands.verify import find_postmasters
+    from watcher.config import build_rules
+    from watcher.policy import describe
+
+    view = CgroupView(procfs)
+    found = []
+    for pm in find_postmasters(procfs, build_rules([], [], OOM_SCORE_ADJ_MIN, None), 0):
+        try:
+            report = view.observe(pm.pid)
+        except (PgoomError, OSError):
+            continue
+        doc = describe(report, pm.oom_score_adj)
+        cgroup = report.cgroup
+        writable = (
+            cgroup is not None
+            and cgroup.version == 2
+            and cgroup.directory is not None
+            and os.access(f"{cgroup.directory}/memory.oom.group", os.W_OK)
+        )
+        found.append(
+            PostmasterCgroup(
+                pm.pid, pm.oom_score_adj, doc["cgroup"], doc["survives_group_kill"], writable
+            )
+        )
+    return decide_postmaster_cgroups(found, has_capability(effective, CAP_SYS_RESOURCE))
 
 
 class _Host:
@@ -221,7 +247,7 @@ def run_checks(score: int, proc_root: str = "/proc") -> list[CheckResult]:
         ),
         ("cap_dac_override", lambda: decide_cap_dac_override(host.effective, host.euid)),
         ("oom_score_adj", lambda: decide_own_score(procfs.oom_score_adj(me), host.floor, score)),
-        ("memory.oom.group", lambda: _check_oom_group(procfs, score)),
+        ("memory.oom.group", lambda: _check_postmaster_cgroups(procfs, host.effective)),
         ("vm.overcommit_memory", host.overcommit),
         ("swap", host.swap),
     ]

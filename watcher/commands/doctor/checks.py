@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from watcher.limits import (
     CAP_DAC_OVERRIDE,
@@ -281,37 +281,70 @@ def decide_own_score(own: int, floor: int, score: int) -> CheckResult:
     )
 
 
-def decide_oom_group(
-    oom_group: Optional[str], where: str, v1_memory: bool, score: int
-) -> CheckResult:
-    if oom_group is None:
-        detail = (
-            "not applicable: the memory controller is on cgroup v1 here (a memcg OOM kills one "
-            "task; no group kill)"
-            if v1_memory
-            else f"not applicable: no memory.oom.group for {where} (no cgroup v2 memory controller)"
-        )
-        return CheckResult("memory.oom.group", PASS, detail)
-    if oom_group.strip() != "1":
+@dataclass(frozen=True)
+class PostmasterCgroup:
+    """What the group-kill check knows of one running postmaster (gathered by
+    _check_postmaster_cgroups through watcher.memcg, decided here)."""
+
+    pid: int
+    oom_score_adj: Optional[int]
+    cgroup: dict[str, Any]  # watcher.policy.describe()["cgroup"]
+    survives: Optional[bool]  # watcher.groupkill.survives_group_kill
+    oom_group_writable: bool  # its memory.oom.group can be written from here (ungroup)
+
+
+def decide_postmaster_cgroups(found: list[PostmasterCgroup], can_lower_to_min: bool) -> CheckResult:
+    """The postmasters' memory cgroups, not the doctor's own: does each survive a group
+    kill at the score it has now, and can pgoom's policies make it survive?"""
+    name = "memory.oom.group"
+    if not found:
         return CheckResult(
-            "memory.oom.group", PASS, f"memory.oom.group={oom_group.strip()} in {where}"
+            name, PASS, "no postmaster running: nothing to check (run doctor again once one is)"
         )
-    if score == OOM_SCORE_ADJ_MIN:
-        return CheckResult(
-            "memory.oom.group",
-            PASS,
-            f"memory.oom.group=1 in {where}: a memcg OOM kills every task except those at "
-            "-1000, and --score is -1000",
+    parts: list[str] = []
+    status = PASS
+    fixes: list[str] = []
+    for item in found:
+        cg = item.cgroup
+        where = cg.get("group_kill_at") or cg.get("path") or "no memory cgroup"
+        version = cg.get("version")
+        score = "?" if item.oom_score_adj is None else str(item.oom_score_adj)
+        head = f"postmaster pid {item.pid} at {score}, cgroup v{version} {cg.get('path')}"
+        if cg.get("group_kill") is False:
+            detail = "no group kill (cgroup v1)" if version == 1 else "no group kill"
+            parts.append(f"{head}: {detail}")
+            continue
+        if item.survives:
+            parts.append(f"{head}: kills as a group ({where}), -1000 survives it")
+            continue
+        can = []
+        if can_lower_to_min:
+            can.append("--group-kill auto can set -1000 (CAP_SYS_RESOURCE present)")
+        if item.oom_group_writable:
+            can.append("--group-kill ungroup can write memory.oom.group=0 here")
+        if not can:
+            can.append(
+                "neither -1000 (no CAP_SYS_RESOURCE) nor memory.oom.group=0 (not writable "
+                "from here) is possible from here"
+            )
+        if cg.get("group_kill") is None:
+            parts.append(
+                f"{head}: memory.oom.group not visible from here (kubelet 1.28+ sets it to 1 "
+                f"on cgroup v2); if it is 1 the postmaster dies in a group kill; {'; '.join(can)}"
+            )
+            status = WARN if status == PASS else status
+        else:
+            parts.append(
+                f"{head}: memory.oom.group=1 in {where}: it dies in a group kill (only -1000 "
+                f"survives); {'; '.join(can)}"
+            )
+            status = FAIL
+        fixes.append(
+            "run pgoom watch with --group-kill auto (default; needs CAP_SYS_RESOURCE) or "
+            "ungroup (needs the host's cgroupfs writable), or set singleProcessOOMKill: true "
+            "in the kubelet configuration (1.32+)"
         )
-    return CheckResult(
-        "memory.oom.group",
-        WARN,
-        f"memory.oom.group=1 in {where}: a memcg OOM kills every task of the cgroup except "
-        f"those at exactly -1000, so a postmaster at {score} in this cgroup dies with its "
-        "backends",
-        "use --score -1000 (needs CAP_SYS_RESOURCE), or turn group kill off (kubelet "
-        "singleProcessOOMKill: true, Kubernetes 1.32+; or write 0 to memory.oom.group)",
-    )
+    return CheckResult(name, status, "; ".join(parts), fixes[0] if fixes else "")
 
 
 def decide_overcommit(mode: int, ratio: Optional[int]) -> CheckResult:
