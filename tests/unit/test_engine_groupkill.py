@@ -5,6 +5,8 @@ The kernel's side (the group kill itself) is proven in the VM."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -13,7 +15,7 @@ import pytest
 from tests.unit.fakeproc import FakeProc, pidfile_text
 from watcher.config import make_settings
 from watcher.engine import Engine
-from watcher.procfs import ProcFS
+from watcher.procfs import Process, ProcFS
 from watcher.sources.base import Event, Forked
 
 CONTAINER = "/kubepods.slice/kubepods-burstable.slice/pod1/cri-containerd-db.scope"
@@ -29,6 +31,22 @@ class KernelLikeProcFS(ProcFS):
     def write_oom_score_adj(self, pid: int, value: int) -> None:
         with open(self.path(pid, "oom_score_adj"), "w") as f:
             f.write(str(value))
+
+    @contextmanager
+    def process(self, pid: int) -> Iterator[Process]:
+        with super().process(pid) as proc:
+            yield KernelLikeProcess(self, proc)
+
+
+class KernelLikeProcess(Process):
+    """The open /proc/<pid> of KernelLikeProcFS: its write truncates too."""
+
+    def __init__(self, procfs: KernelLikeProcFS, proc: Process) -> None:
+        super().__init__(proc.pid, proc._dirfd)
+        self._procfs = procfs
+
+    def write_oom_score_adj(self, value: int) -> None:
+        self._procfs.write_oom_score_adj(self.pid, value)
 
 
 class NoSource:
