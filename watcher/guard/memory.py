@@ -1,0 +1,162 @@
+"""How much memory a protected postmaster's cgroup (or the host) holds, and how much of it
+is pressure.
+
+Parsers are pure functions over the files' text; `MemoryReader` is the thin reader, with
+its directory injectable so unit tests run on fake cgroup trees built from captured files.
+
+Usage counts page cache, which the kernel drops before it OOM-kills anything: a big file
+read fills a cgroup to its limit and threatens nobody. The guard decides on the *working
+set* instead, computed the way kubelet computes it: usage minus inactive file pages (the
+cache the kernel reclaims first).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+# cgroup v1 reports "no limit" as PAGE_COUNTER_MAX pages, rounded to the page size: about
+# 2**63. Anything at or above 2**62 is no limit on any machine this runs on.
+_V1_UNLIMITED = 1 << 62
+_READ_BYTES = 65536
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One reading. `limit_bytes` None: nothing limits this memory but the host."""
+
+    usage_bytes: int
+    working_set_bytes: int
+    limit_bytes: Optional[int]
+
+    def percent(self) -> Optional[float]:
+        if not self.limit_bytes:
+            return None
+        return 100.0 * self.working_set_bytes / self.limit_bytes
+
+
+def parse_flat_keyed(text: str) -> dict[str, int]:
+    """memory.stat, memory.events (and /proc/vmstat): `key value` lines. Lines that are not
+    two fields with an integer value are skipped: newer kernels add fields, never a format."""
+    values: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+            values[parts[0]] = int(parts[1])
+    return values
+
+
+def parse_meminfo(text: str) -> dict[str, int]:
+    """/proc/meminfo in bytes (the file says kB and means KiB)."""
+    values: dict[str, int] = {}
+    for line in text.splitlines():
+        key, sep, rest = line.partition(":")
+        fields = rest.split()
+        if sep and fields and fields[0].isdigit():
+            scale = 1024 if len(fields) > 1 and fields[1] == "kB" else 1
+            values[key] = int(fields[0]) * scale
+    return values
+
+
+def parse_v1_limit(text: str) -> Optional[int]:
+    value = int(text.strip())
+    return None if value >= _V1_UNLIMITED else value
+
+
+def parse_v2_limit(text: str) -> Optional[int]:
+    """memory.max: a byte count or `max`."""
+    value = text.strip()
+    return None if value == "max" else int(value)
+
+
+def working_set(usage_bytes: int, inactive_file_bytes: int) -> int:
+    """kubelet's container_memory_working_set_bytes: usage minus inactive file, never below 0."""
+    return max(0, usage_bytes - inactive_file_bytes)
+
+
+def v1_sample(usage_text: str, stat_text: str, limit_text: str) -> Sample:
+    stat = parse_flat_keyed(stat_text)
+    usage = int(usage_text.strip())
+    # total_* fields include descendants (memory.use_hierarchy is 1 everywhere it matters);
+    # usage_in_bytes does too.
+    inactive = stat.get("total_inactive_file", stat.get("inactive_file", 0))
+    limit = parse_v1_limit(limit_text)
+    # A group without a limit of its own is still bounded by its ancestors' limits, which
+    # the kernel reports as hierarchical_memory_limit.
+    hierarchical = stat.get("hierarchical_memory_limit")
+    if hierarchical is not None and hierarchical < _V1_UNLIMITED:
+        limit = hierarchical if limit is None else min(limit, hierarchical)
+    return Sample(usage, working_set(usage, inactive), limit)
+
+
+def v2_sample(current_text: str, stat_text: str, limits: list[Optional[int]]) -> Sample:
+    stat = parse_flat_keyed(stat_text)
+    usage = int(current_text.strip())
+    bounded = [limit for limit in limits if limit is not None]
+    return Sample(
+        usage, working_set(usage, stat.get("inactive_file", 0)), min(bounded, default=None)
+    )
+
+
+def host_sample(meminfo_text: str) -> Sample:
+    """The bare host: what is in use is MemTotal - MemAvailable (MemAvailable already counts
+    the cache the kernel can drop), bounded by MemTotal."""
+    info = parse_meminfo(meminfo_text)
+    total = info["MemTotal"]
+    available = info.get("MemAvailable", info.get("MemFree", 0))
+    used = max(0, total - available)
+    return Sample(total - info.get("MemFree", 0), used, total)
+
+
+def read_small(path: str) -> str:
+    """One read of a kernel-generated file (cgroupfs, /proc): they are small and generated at
+    open, so one read returns all of it."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, _READ_BYTES).decode("ascii", "replace")
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class MemoryGroup:
+    """Where a postmaster's memory is accounted: cgroup `version` (1 or 2) and `directory`,
+    or version 0 for the bare host (`directory` is then the /proc root). For v2, `ancestors`
+    are the directories above it up to the mount, whose memory.max also bound it."""
+
+    version: int
+    directory: str
+    ancestors: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return "host" if self.version == 0 else self.directory
+
+
+class MemoryReader:
+    """Reads one Sample of a MemoryGroup: two or three small files, no parsing of anything
+    the guard does not use."""
+
+    def __init__(self, group: MemoryGroup) -> None:
+        self.group = group
+
+    def sample(self) -> Sample:
+        d = self.group.directory
+        if self.group.version == 1:
+            return v1_sample(
+                read_small(f"{d}/memory.usage_in_bytes"),
+                read_small(f"{d}/memory.stat"),
+                read_small(f"{d}/memory.limit_in_bytes"),
+            )
+        if self.group.version == 2:
+            limits = [parse_v2_limit(read_small(f"{d}/memory.max"))]
+            for ancestor in self.group.ancestors:
+                try:
+                    limits.append(parse_v2_limit(read_small(f"{ancestor}/memory.max")))
+                except FileNotFoundError:
+                    continue  # the root has no memory.max
+            return v2_sample(
+                read_small(f"{d}/memory.current"), read_small(f"{d}/memory.stat"), limits
+            )
+        return host_sample(read_small(f"{d}/meminfo"))

@@ -1,0 +1,152 @@
+"""Which child of a postmaster the guard may stop, and which one it stops. Pure: no I/O.
+
+PostgreSQL's postmaster classifies its children by type before it signals any of them; the
+guard does the same, from the process title each child sets:
+
+- a client backend reads `postgres: [cluster: ]<user> <database> <host> <activity>`, where
+  <host> is `[local]` or `address(port)`;
+- a parallel worker reads `postgres: [cluster: ]parallel worker for PID <leader>`: its
+  memory is its leader's query, so it counts towards the leader and is never signalled
+  itself (cancelling the leader stops the workers);
+- everything else — walsenders (`walsender ...`), autovacuum, the checkpointer, background
+  workers of extensions, titles the guard does not recognise — is never chosen.
+
+The victim is the client backend with the most private memory (RssAnon + swap; RssShmem is
+shared buffers it touched, which a cancel does not give back), if that is above a floor.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+from watcher.match import is_title_rewritten
+
+_HOST = re.compile(r"\[local\]|\S+\(\d{1,5}\)")
+_PARALLEL = re.compile(r"parallel worker for PID (\d{1,10})\Z")
+TITLE_MAX_CHARS = 160
+
+CLIENT = "client backend"
+PARALLEL = "parallel worker"
+WALSENDER = "walsender"
+OTHER = "other"
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str  # CLIENT, PARALLEL, WALSENDER or OTHER
+    leader: Optional[int] = None  # a parallel worker's leader
+
+
+def _title_candidates(argv: list[str]) -> list[str]:
+    title = " ".join(argv).split(": ", 1)[1]
+    # With cluster_name set the title reads 'postgres: <cluster>: <what>'.
+    candidates = [title]
+    if ": " in title:
+        candidates.append(title.split(": ", 1)[1])
+    return candidates
+
+
+def classify(argv: list[str]) -> Kind:
+    """What kind of child a postmaster's child is, from its title alone."""
+    if not is_title_rewritten(argv):
+        return Kind(OTHER)
+    candidates = _title_candidates(argv)
+    for text in candidates:
+        match = _PARALLEL.search(text)
+        if match and text.startswith("parallel worker"):
+            return Kind(PARALLEL, leader=int(match.group(1)))
+    for text in candidates:
+        words = text.split()
+        if words and words[0] == WALSENDER:
+            # A walsender streams to a replica or a subscriber: stopping it stalls
+            # replication; never a victim (a user named 'walsender' is never one either).
+            return Kind(WALSENDER)
+        # user, database, then the host: a user or database name with spaces in it moves
+        # the host further right, never to the left of position 2.
+        if len(words) >= 3 and any(_HOST.fullmatch(w) for w in words[2:]):
+            return Kind(CLIENT)
+    return Kind(OTHER)
+
+
+@dataclass(frozen=True)
+class Child:
+    """What was read about one child of the postmaster (watcher.guard.children)."""
+
+    pid: int
+    start_ticks: int
+    argv: list[str]
+    rss_anon_bytes: int
+    swap_bytes: int
+    rss_shmem_bytes: int = 0
+
+    @property
+    def private_bytes(self) -> int:
+        return self.rss_anon_bytes + self.swap_bytes
+
+
+@dataclass(frozen=True)
+class Candidate:
+    pid: int
+    start_ticks: int
+    title: str  # bounded and escaped: safe to log
+    private_bytes: int  # its own plus its parallel workers'
+    workers: int = 0
+
+
+def choose(children: list[Child], floor_bytes: int) -> Optional[Candidate]:
+    """The client backend with the most private memory (its parallel workers' included),
+    if above `floor_bytes`; None when no client backend qualifies. Ties go to the lower PID:
+    deterministic, and the older of two equal queries has had its chance."""
+    kinds = {c.pid: classify(c.argv) for c in children}
+    by_pid = {c.pid: c for c in children}
+    totals: dict[int, int] = {}
+    workers: dict[int, int] = {}
+    for child in children:
+        kind = kinds[child.pid]
+        if kind.name == CLIENT:
+            totals[child.pid] = totals.get(child.pid, 0) + child.private_bytes
+        elif kind.name == PARALLEL and kind.leader is not None:
+            leader = kinds.get(kind.leader)
+            # Only a leader that is a client backend of this same postmaster: a worker's
+            # title is not proof of anything about another process.
+            if leader is not None and leader.name == CLIENT:
+                totals[kind.leader] = totals.get(kind.leader, 0) + child.private_bytes
+                workers[kind.leader] = workers.get(kind.leader, 0) + 1
+    if not totals:
+        return None
+    pid = min(totals, key=lambda p: (-totals[p], p))
+    if totals[pid] <= floor_bytes:
+        return None
+    chosen = by_pid[pid]
+    return Candidate(
+        pid, chosen.start_ticks, display_title(chosen.argv), totals[pid], workers.get(pid, 0)
+    )
+
+
+def display_title(argv: list[str], limit: int = TITLE_MAX_CHARS) -> str:
+    """A process title as it may appear in a log line: user and database names and the
+    command tag are chosen by clients, so control characters, quotes and backslashes are
+    escaped and the length is bounded (one line per action, whatever the client sent)."""
+    text = " ".join(argv).rstrip()
+    out: list[str] = []
+    length = 0
+    for char in text:
+        if char == "\\":
+            piece = "\\\\"
+        elif char == '"':
+            piece = '\\"'
+        elif char.isprintable() and not ("\udc80" <= char <= "\udcff"):
+            piece = char
+        else:
+            code = ord(char)
+            if "\udc80" <= char <= "\udcff":  # a byte that was not UTF-8 (surrogateescape)
+                code -= 0xDC00
+            piece = f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+        if length + len(piece) > limit:
+            out.append("...")
+            break
+        out.append(piece)
+        length += len(piece)
+    return "".join(out)
