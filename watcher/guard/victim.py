@@ -21,16 +21,17 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from watcher.match import is_title_rewritten
+from watcher.match import is_title_rewritten, role_of
 
 _HOST = re.compile(r"\[local\]|\S+\(\d{1,5}\)")
-_PARALLEL = re.compile(r"parallel worker for PID (\d{1,10})\Z")
+_PARALLEL = re.compile(r"parallel worker for PID (\d{1,10})")
 TITLE_MAX_CHARS = 160
 
 CLIENT = "client backend"
 PARALLEL = "parallel worker"
 WALSENDER = "walsender"
-OTHER = "other"
+AUX = "auxiliary"  # checkpointer, autovacuum, ...: watcher.match's list of titles
+OTHER = "other"  # a title the guard does not recognise
 
 
 @dataclass(frozen=True)
@@ -48,25 +49,43 @@ def _title_candidates(argv: list[str]) -> list[str]:
     return candidates
 
 
+def _kind_of(text: str) -> Kind:
+    """One reading of a title (with or without a cluster name in front)."""
+    text = text.strip()
+    match = _PARALLEL.fullmatch(text)
+    if match:
+        return Kind(PARALLEL, leader=int(match.group(1)))
+    words = text.split()
+    if words and words[0] == WALSENDER:
+        # A walsender streams to a replica or a subscriber: stopping it stalls replication.
+        return Kind(WALSENDER)
+    if role_of(["postgres: " + text], False) == "aux":
+        return Kind(AUX)
+    # user, database, then the host: a user or database name with spaces in it moves the
+    # host further right, never to the left of position 2.
+    if len(words) >= 3 and any(_HOST.fullmatch(w) for w in words[2:]):
+        return Kind(CLIENT)
+    return Kind(OTHER)
+
+
 def classify(argv: list[str]) -> Kind:
-    """What kind of child a postmaster's child is, from its title alone."""
+    """What kind of child a postmaster's child is, from its title alone.
+
+    Whether a cluster name precedes the rest cannot be told from the title, so both
+    readings are taken, and a child is a client backend only if no reading says otherwise:
+    `postgres: main: walsender postgres [local] streaming` reads as a client backend of
+    user 'walsender' without its cluster name, and is a walsender."""
     if not is_title_rewritten(argv):
         return Kind(OTHER)
-    candidates = _title_candidates(argv)
-    for text in candidates:
-        match = _PARALLEL.search(text)
-        if match and text.startswith("parallel worker"):
-            return Kind(PARALLEL, leader=int(match.group(1)))
-    for text in candidates:
-        words = text.split()
-        if words and words[0] == WALSENDER:
-            # A walsender streams to a replica or a subscriber: stopping it stalls
-            # replication; never a victim (a user named 'walsender' is never one either).
-            return Kind(WALSENDER)
-        # user, database, then the host: a user or database name with spaces in it moves
-        # the host further right, never to the left of position 2.
-        if len(words) >= 3 and any(_HOST.fullmatch(w) for w in words[2:]):
-            return Kind(CLIENT)
+    kinds = [_kind_of(text) for text in _title_candidates(argv)]
+    # Any reading that names another kind rules 'client' out; the specific kinds first
+    # (watcher.match's list of auxiliary titles includes parallel workers).
+    for name in (PARALLEL, WALSENDER, AUX):
+        for kind in kinds:
+            if kind.name == name:
+                return kind
+    if any(kind.name == CLIENT for kind in kinds):
+        return Kind(CLIENT)
     return Kind(OTHER)
 
 
