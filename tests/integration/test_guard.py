@@ -8,6 +8,7 @@ import os
 import select
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +20,7 @@ from tests.support.pg import Template, alive, wait_for
 from watcher.guard import Guards, GuardSettings
 from watcher.guard.children import read_children
 from watcher.guard.memory import MemoryGroup, MemoryReader
-from watcher.guard.victim import CLIENT, classify, choose
+from watcher.guard.victim import CLIENT, choose, classify
 from watcher.procfs import ProcFS
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (memory cgroups)")
@@ -51,8 +52,6 @@ class Loop:
         poller.register(self._stop_r, select.EPOLLIN)
         while True:
             deadline = self.guards.deadline_s()
-            import time
-
             timeout = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
             ready = [fd for fd, _ in poller.poll(timeout)]
             if self._stop_r in ready:
