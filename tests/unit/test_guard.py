@@ -15,13 +15,12 @@ import pytest
 from tests.unit.fakeproc import SAMPLES, FakeProc
 from watcher.guard.children import read_children
 from watcher.guard.episode import ACTING, COOLDOWN, WATCHING, Guard, GuardSettings
-from watcher.guard.locate import group_from
+from watcher.guard.locate import NotVisible, locate
 from watcher.guard.memory import (
     MemoryGroup,
     MemoryReader,
     Sample,
     host_sample,
-    parse_v2_limit,
     v1_sample,
     v2_sample,
     working_set,
@@ -38,6 +37,7 @@ from watcher.guard.victim import (
     classify,
     display_title,
 )
+from watcher.memcg import CgroupView
 from watcher.procfs import ProcFS
 
 MIB = 1 << 20
@@ -81,13 +81,13 @@ def test_page_cache_is_not_working_set() -> None:
     assert working_set(5, 9) == 0  # never negative (the counters are not read atomically)
 
 
-def test_v2_sample_takes_the_lowest_limit_up_the_tree() -> None:
+def test_v2_sample_reads_the_nearest_limit() -> None:
     stat = "anon 200000000\nfile 50000000\ninactive_file 40000000\n"
-    sample = v2_sample("250000000\n", stat, [None, 300 * MIB, None])
+    sample = v2_sample("250000000\n", stat, f"{300 * MIB}\n")
     assert sample.limit_bytes == 300 * MIB
     assert sample.working_set_bytes == 210000000
-    assert parse_v2_limit("max\n") is None
-    assert v2_sample("1\n", "inactive_file 0\n", [None]).limit_bytes is None
+    assert v2_sample("1\n", "inactive_file 0\n", "max\n").limit_bytes is None
+    assert v2_sample("1\n", "inactive_file 0\n", None).limit_bytes is None
 
 
 def test_host_sample_counts_what_is_not_available() -> None:
@@ -112,34 +112,38 @@ def test_v1_pressure_without_event_control_is_unavailable(tmp_path: Path) -> Non
 
 # --- locating the group ----------------------------------------------------------------------
 
-V1_MOUNTINFO = (
-    "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n"
-    "32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n"
-    "35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n"
-    "40 31 0:37 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n"
-)
+
+def fake_cgroup_tree(tmp_path: Path, cgroup_line: str, limit: str) -> tuple[ProcFS, CgroupView]:
+    """A fake /proc (pid 500 and self) and a fake v1 memory hierarchy under tmp_path/fs."""
+    tree = FakeProc(tmp_path)
+    tree.install("postmaster", pid=500, ppid=1)
+    (tree.proc / "500" / "cgroup").write_text(cgroup_line)
+    (tree.proc / "self").mkdir()
+    mountinfo = "35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n"
+    (tree.proc / "self" / "mountinfo").write_text(mountinfo)
+    group = tmp_path / "fs" / "sys/fs/cgroup/memory/pg"
+    group.mkdir(parents=True)
+    (group / "memory.limit_in_bytes").write_text(limit)
+    (group / "memory.usage_in_bytes").write_text("1000\n")
+    (group / "memory.stat").write_text(f"total_inactive_file 0\nhierarchical_memory_limit {limit}")
+    return tree.procfs, CgroupView(tree.procfs, str(tmp_path / "fs"))
 
 
-def test_locate_a_v1_memory_cgroup() -> None:
-    cgroup = "5:cpu:/\n4:memory:/pgoom-harness-1/x\n0::/\n"
-    group = group_from(cgroup, V1_MOUNTINFO, "/proc")
-    assert group == MemoryGroup(1, "/sys/fs/cgroup/memory/pgoom-harness-1/x")
+def test_locate_a_limited_v1_memory_cgroup(tmp_path: Path) -> None:
+    procfs, view = fake_cgroup_tree(tmp_path, "4:memory:/pg\n0::/\n", "314572800\n")
+    assert locate(procfs, 500, view) == MemoryGroup(1, "/sys/fs/cgroup/memory/pg")
 
 
-def test_locate_a_v2_cgroup_with_its_ancestors() -> None:
-    mountinfo = "30 23 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n"
-    group = group_from("0::/kubepods.slice/pod1/cri-1\n", mountinfo, "/proc")
-    assert group.version == 2
-    assert group.directory == "/sys/fs/cgroup/kubepods.slice/pod1/cri-1"
-    assert group.ancestors == (
-        "/sys/fs/cgroup/kubepods.slice/pod1",
-        "/sys/fs/cgroup/kubepods.slice",
-        "/sys/fs/cgroup",
-    )
+def test_a_cgroup_without_a_limit_anywhere_is_the_host(tmp_path: Path) -> None:
+    procfs, view = fake_cgroup_tree(tmp_path, "4:memory:/pg\n", "9223372036854771712\n")
+    assert locate(procfs, 500, view) == MemoryGroup(0, procfs.root)
 
 
-def test_locate_without_any_memory_controller_is_the_host() -> None:
-    assert group_from("1:cpu:/\n", "", "/proc") == MemoryGroup(0, "/proc")
+def test_a_cgroup_out_of_sight_is_not_guarded_as_the_host(tmp_path: Path) -> None:
+    # What a sidecar sees of its neighbour's cgroup from inside its own cgroup namespace.
+    procfs, view = fake_cgroup_tree(tmp_path, "4:memory:/../other\n", "314572800\n")
+    with pytest.raises(NotVisible, match="DaemonSet"):
+        locate(procfs, 500, view)
 
 
 # --- who may be chosen -----------------------------------------------------------------------

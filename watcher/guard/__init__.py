@@ -28,7 +28,7 @@ from loguru import logger
 from watcher.errors import AccessDenied, ProcessGone
 from watcher.guard.children import read_children
 from watcher.guard.episode import Guard, GuardSettings, Report
-from watcher.guard.locate import locate
+from watcher.guard.locate import NotVisible, locate
 from watcher.guard.memory import MemoryGroup, MemoryReader
 from watcher.guard.pressure import PressureSource, PressureUnavailable, Registration, open_pressure
 from watcher.guard.signals import send
@@ -81,7 +81,7 @@ class Guards:
             if first.limit_bytes is None:
                 raise PressureUnavailable(f"{group.name} has no memory limit")
             source = open_pressure(group, self.settings.threshold_bytes(first.limit_bytes))
-        except (PressureUnavailable, ProcessGone, AccessDenied, OSError) as err:
+        except (PressureUnavailable, NotVisible, ProcessGone, AccessDenied, OSError) as err:
             logger.warning("guard: cannot guard postmaster {}: {}", pid, err)
             return None
         procfs = self.procfs

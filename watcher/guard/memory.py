@@ -16,9 +16,9 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-# cgroup v1 reports "no limit" as PAGE_COUNTER_MAX pages, rounded to the page size: about
-# 2**63. Anything at or above 2**62 is no limit on any machine this runs on.
-_V1_UNLIMITED = 1 << 62
+from watcher.memcg import parse_flat_keyed, parse_limit
+from watcher.memcg import working_set as memcg_working_set
+
 _READ_BYTES = 65536
 
 
@@ -36,17 +36,6 @@ class Sample:
         return 100.0 * self.working_set_bytes / self.limit_bytes
 
 
-def parse_flat_keyed(text: str) -> dict[str, int]:
-    """memory.stat, memory.events (and /proc/vmstat): `key value` lines. Lines that are not
-    two fields with an integer value are skipped: newer kernels add fields, never a format."""
-    values: dict[str, int] = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
-            values[parts[0]] = int(parts[1])
-    return values
-
-
 def parse_meminfo(text: str) -> dict[str, int]:
     """/proc/meminfo in bytes (the file says kB and means KiB)."""
     values: dict[str, int] = {}
@@ -59,20 +48,10 @@ def parse_meminfo(text: str) -> dict[str, int]:
     return values
 
 
-def parse_v1_limit(text: str) -> Optional[int]:
-    value = int(text.strip())
-    return None if value >= _V1_UNLIMITED else value
-
-
-def parse_v2_limit(text: str) -> Optional[int]:
-    """memory.max: a byte count or `max`."""
-    value = text.strip()
-    return None if value == "max" else int(value)
-
-
 def working_set(usage_bytes: int, inactive_file_bytes: int) -> int:
-    """kubelet's container_memory_working_set_bytes: usage minus inactive file, never below 0."""
-    return max(0, usage_bytes - inactive_file_bytes)
+    ws = memcg_working_set(usage_bytes, inactive_file_bytes)
+    assert ws is not None
+    return ws
 
 
 def v1_sample(usage_text: str, stat_text: str, limit_text: str) -> Sample:
@@ -81,22 +60,22 @@ def v1_sample(usage_text: str, stat_text: str, limit_text: str) -> Sample:
     # total_* fields include descendants (memory.use_hierarchy is 1 everywhere it matters);
     # usage_in_bytes does too.
     inactive = stat.get("total_inactive_file", stat.get("inactive_file", 0))
-    limit = parse_v1_limit(limit_text)
+    limit = parse_limit(limit_text, 1)
     # A group without a limit of its own is still bounded by its ancestors' limits, which
     # the kernel reports as hierarchical_memory_limit.
     hierarchical = stat.get("hierarchical_memory_limit")
-    if hierarchical is not None and hierarchical < _V1_UNLIMITED:
-        limit = hierarchical if limit is None else min(limit, hierarchical)
+    bound = None if hierarchical is None else parse_limit(str(hierarchical), 1)
+    if bound is not None:
+        limit = bound if limit is None else min(limit, bound)
     return Sample(usage, working_set(usage, inactive), limit)
 
 
-def v2_sample(current_text: str, stat_text: str, limits: list[Optional[int]]) -> Sample:
+def v2_sample(current_text: str, stat_text: str, limit_text: Optional[str]) -> Sample:
+    """`limit_text`: memory.max of the nearest cgroup on the way up that has one."""
     stat = parse_flat_keyed(stat_text)
     usage = int(current_text.strip())
-    bounded = [limit for limit in limits if limit is not None]
-    return Sample(
-        usage, working_set(usage, stat.get("inactive_file", 0)), min(bounded, default=None)
-    )
+    limit = None if limit_text is None else parse_limit(limit_text, 2)
+    return Sample(usage, working_set(usage, stat.get("inactive_file", 0)), limit)
 
 
 def host_sample(meminfo_text: str) -> Sample:
@@ -122,12 +101,13 @@ def read_small(path: str) -> str:
 @dataclass(frozen=True)
 class MemoryGroup:
     """Where a postmaster's memory is accounted: cgroup `version` (1 or 2) and `directory`,
-    or version 0 for the bare host (`directory` is then the /proc root). For v2, `ancestors`
-    are the directories above it up to the mount, whose memory.max also bound it."""
+    or version 0 for the bare host (`directory` is then the /proc root). `limit_directory`
+    (v2): the nearest cgroup on the way up whose memory.max is set, which decides the OOM
+    (v1 folds the ancestors' limits into hierarchical_memory_limit)."""
 
     version: int
     directory: str
-    ancestors: tuple[str, ...] = ()
+    limit_directory: Optional[str] = None
 
     @property
     def name(self) -> str:
@@ -135,8 +115,8 @@ class MemoryGroup:
 
 
 class MemoryReader:
-    """Reads one Sample of a MemoryGroup: two or three small files, no parsing of anything
-    the guard does not use."""
+    """Reads one Sample of a MemoryGroup: three small files on the pressure path (fewer than
+    watcher.memcg's full state, which also reads the OOM counters and flags)."""
 
     def __init__(self, group: MemoryGroup) -> None:
         self.group = group
@@ -150,13 +130,10 @@ class MemoryReader:
                 read_small(f"{d}/memory.limit_in_bytes"),
             )
         if self.group.version == 2:
-            limits = [parse_v2_limit(read_small(f"{d}/memory.max"))]
-            for ancestor in self.group.ancestors:
-                try:
-                    limits.append(parse_v2_limit(read_small(f"{ancestor}/memory.max")))
-                except FileNotFoundError:
-                    continue  # the root has no memory.max
+            where = self.group.limit_directory
             return v2_sample(
-                read_small(f"{d}/memory.current"), read_small(f"{d}/memory.stat"), limits
+                read_small(f"{d}/memory.current"),
+                read_small(f"{d}/memory.stat"),
+                read_small(f"{where}/memory.max") if where else None,
             )
         return host_sample(read_small(f"{d}/meminfo"))
