@@ -36,6 +36,7 @@ from watcher.guard.victim import (
     choose,
     classify,
     display_title,
+    is_idle,
 )
 from watcher.memcg import CgroupView
 from watcher.procfs import ProcFS
@@ -326,7 +327,7 @@ class Fake:
         self.children = [
             child(10, "postgres: checkpointer", 5),
             child(11, "postgres: a db [local] SELECT", 200),
-            child(12, "postgres: b db [local] idle", 70),
+            child(12, "postgres: b db [local] UPDATE", 70),
         ]
         self.sent: list[tuple[int, str]] = []
         self.answer = Sent.SENT
@@ -424,6 +425,21 @@ def test_relief_needs_the_margin_not_a_few_pages() -> None:
     fake.ws_mib = 268  # below 90 %, above 85 %: the session kept what it allocated
     fake.tick()
     assert fake.guard.state == ACTING
+
+
+def test_an_idle_session_is_terminated_at_once() -> None:
+    fake = Fake()
+    fake.children = [child(11, "postgres: a db [local] idle in transaction", 200)]
+    fake.ws_mib = 280
+    fake.guard.on_pressure("threshold")
+    assert fake.sent == [(11, "SIGTERM")]
+
+
+def test_idle_is_read_from_the_end_of_the_title() -> None:
+    assert is_idle(argv_of("idle backend"))
+    assert not is_idle(argv_of("active backend"))
+    assert not is_idle(["postgres: idle idle [local] SELECT"])
+    assert is_idle(["postgres: a b [local] idle in transaction (aborted)"])
 
 
 def test_dry_run_sends_nothing_and_reports_what_it_would_do() -> None:

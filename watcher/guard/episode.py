@@ -3,7 +3,8 @@ machine driven by two calls, `on_pressure()` (the kernel woke us) and `on_timer(
 deadline the guard asked for passed). It reads through injected callables and signals
 through one, so unit tests drive it with fake samples and a fake clock.
 
-WATCHING  --pressure, working set >= threshold, a victim-->  ACTING (SIGINT sent)
+WATCHING  --pressure, working set >= threshold, a victim-->  ACTING (SIGINT sent; SIGTERM
+                                                              for an idle session)
 ACTING    --working set < threshold-->                       COOLDOWN (outcome: relieved)
 ACTING    --grace over, after SIGINT-->                      ACTING (SIGTERM sent)
 ACTING    --grace over, after SIGTERM-->                     COOLDOWN (outcome: no relief)
@@ -50,7 +51,7 @@ class GuardSettings:
     threshold_pct: float = 90.0  # act when the working set reaches this share of the limit
     grace_s: float = 1.0  # how long a signal has to bring the working set below the threshold
     cooldown_s: float = 10.0  # after an episode, pressure is only counted for this long
-    floor_bytes: int = 64 * MIB  # a backend with less private memory is never a victim
+    floor_bytes: int = 16 * MIB  # a backend with less private memory is never a victim
     dry_run: bool = False
     check_interval_s: float = 0.005  # while ACTING only: how often relief is checked
     # Relief is the working set back below the threshold by this share of the limit: a
@@ -186,7 +187,9 @@ class Guard:
                     self.settings.floor_bytes / MIB,
                 )
             return
-        self._signal(candidate, signal.SIGINT, event_ns, sample)
+        # An idle session's memory is the session's: a cancel would only cost the grace.
+        first = signal.SIGTERM if candidate.idle else signal.SIGINT
+        self._signal(candidate, first, event_ns, sample)
 
     def _signal(
         self, candidate: Candidate, signum: signal.Signals, event_ns: int, sample: Sample

@@ -112,6 +112,18 @@ class Candidate:
     title: str  # bounded and escaped: safe to log
     private_bytes: int  # its own plus its parallel workers'
     workers: int = 0
+    idle: bool = False  # between statements: a cancel would do nothing
+
+
+_IDLE_ENDINGS = ("idle", "idle in transaction", "idle in transaction (aborted)")
+
+
+def is_idle(argv: list[str]) -> bool:
+    """The backend is between statements (the title ends with its activity). PostgreSQL
+    discards a cancel that arrives while a backend waits for the next command, so for an
+    idle session only a terminate gives its memory back."""
+    text = " ".join(argv).rstrip(" \0")
+    return any(text.endswith(" " + ending) for ending in _IDLE_ENDINGS)
 
 
 def choose(children: list[Child], floor_bytes: int) -> Optional[Candidate]:
@@ -140,7 +152,12 @@ def choose(children: list[Child], floor_bytes: int) -> Optional[Candidate]:
         return None
     chosen = by_pid[pid]
     return Candidate(
-        pid, chosen.start_ticks, display_title(chosen.argv), totals[pid], workers.get(pid, 0)
+        pid,
+        chosen.start_ticks,
+        display_title(chosen.argv),
+        totals[pid],
+        workers.get(pid, 0),
+        idle=is_idle(chosen.argv) and not workers.get(pid),
     )
 
 
