@@ -803,6 +803,9 @@ def test_sessions_lost_crash_restarts_and_the_guard_columns() -> None:
             crash_restarts=0,
             guard_actions=["SIGINT relieved in 4.1 ms"],
             guard_first=True,
+            postmaster_survived=True,
+            rows_expected=10,
+            rows_counted=10,
         ),
         RunResult(
             BIG_QUERY,
