@@ -816,6 +816,9 @@ def test_sessions_lost_crash_restarts_and_the_guard_columns() -> None:
             crash_restarts=0,
             guard_actions=["SIGINT no relief within 1 s", "SIGTERM relieved in 2.0 ms"],
             guard_first=True,
+            postmaster_survived=True,
+            rows_expected=20,
+            rows_counted=20,
         ),
     ]
     rows = report.markdown([unguarded, guarded], None, "h").splitlines()[-2:]
