@@ -5,10 +5,7 @@ epoll loop in a thread); `pgoom watch --guard` end to end is in test_guard_watch
 from __future__ import annotations
 
 import os
-import select
 import signal
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +13,7 @@ import pytest
 
 from scripts.oomharness.cgroup import MemoryCgroup
 from scripts.oomharness.pgcluster import HarnessCluster, Session
+from tests.support.guardloop import GuardLoop
 from tests.support.pg import Template, alive, wait_for
 from watcher.guard import Guards, GuardSettings
 from watcher.guard.children import read_children
@@ -36,38 +34,6 @@ SESSION_HOG = (
 )
 
 
-class Loop:
-    """What the engine does with Guards: one fd in a selector, one deadline."""
-
-    def __init__(self, guards: Guards) -> None:
-        self.guards = guards
-        self.actions: list[dict[str, Any]] = []
-        self._stop_r, self._stop_w = os.pipe()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        poller = select.epoll()
-        poller.register(self.guards.fileno(), select.EPOLLIN)
-        poller.register(self._stop_r, select.EPOLLIN)
-        while True:
-            deadline = self.guards.deadline_s()
-            timeout = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
-            ready = [fd for fd, _ in poller.poll(timeout)]
-            if self._stop_r in ready:
-                break
-            if self.guards.fileno() in ready:
-                self.guards.on_ready()
-            self.guards.on_timer()
-        poller.close()
-
-    def stop(self) -> None:
-        os.write(self._stop_w, b"x")
-        self._thread.join(10)
-        os.close(self._stop_r)
-        os.close(self._stop_w)
-
-
 @pytest.fixture
 def memcg() -> Iterator[MemoryCgroup]:
     group = MemoryCgroup(LIMIT_BYTES, prefix="pgoom-guard-test")
@@ -86,7 +52,7 @@ def cluster(pg_template: Template, memcg: MemoryCgroup) -> Iterator[HarnessClust
     c.destroy()
 
 
-def guarded(memcg: MemoryCgroup, pm: int, **settings: Any) -> tuple[Guards, Loop]:
+def guarded(memcg: MemoryCgroup, pm: int, **settings: Any) -> tuple[Guards, GuardLoop]:
     actions: list[dict[str, Any]] = []
     guards = Guards(
         GuardSettings(**settings),
@@ -95,7 +61,7 @@ def guarded(memcg: MemoryCgroup, pm: int, **settings: Any) -> tuple[Guards, Loop
     )
     start = ProcFS().stat(pm).starttime_ticks
     assert guards.guard(pm, start, MemoryGroup(1, memcg.path)) is not None
-    loop = Loop(guards)
+    loop = GuardLoop(guards)
     loop.actions = actions
     return guards, loop
 
@@ -235,3 +201,43 @@ def test_working_set_excludes_page_cache(memcg: MemoryCgroup, tmp_path: Any) -> 
     assert sample.limit_bytes == LIMIT_BYTES
     assert sample.usage_bytes > LIMIT_BYTES * 0.8  # the cache filled the group...
     assert sample.working_set_bytes < LIMIT_BYTES * 0.5  # ...and is not its working set
+
+
+def test_no_action_at_85_percent_while_the_page_cache_fills_the_rest(
+    cluster: HarnessCluster, memcg: MemoryCgroup, tmp_path: Any
+) -> None:
+    import subprocess
+
+    from scripts.oomharness.cgroup import enter
+
+    pm = cluster.postmaster_pid()
+    reader = MemoryReader(MemoryGroup(1, memcg.path))
+    holder, worker = Session(cluster), Session(cluster)
+    step = 0
+    while reader.sample().working_set_bytes < LIMIT_BYTES * 0.85:
+        step += 1
+        assert holder.run(f"select set_config('t.h{step}', repeat('x', 1048576), false);").ok
+    guards, loop = guarded(memcg, pm)
+    try:
+        for _ in range(3):
+            # Written, then read back: the cache is active, and still reclaimable.
+            for argv in (
+                ["dd", "if=/dev/zero", f"of={tmp_path}/fill", "bs=1M", "count=300", "status=none"],
+                ["cat", f"{tmp_path}/fill"],
+            ):
+                subprocess.run(
+                    argv,
+                    stdout=subprocess.DEVNULL,
+                    preexec_fn=lambda: enter(memcg.procs_file),
+                    check=True,
+                )
+            assert worker.run("select count(*) from generate_series(1, 200000);").ok
+    finally:
+        loop.stop()
+        guard = next(iter(guards.entries.values())).guard
+        guards.close()
+    assert guard.counters.pressure_events  # it was woken, and looked...
+    assert loop.actions == []  # ...and did nothing
+    assert holder.run("select 1;").ok
+    holder.close()
+    worker.close()

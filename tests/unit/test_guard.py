@@ -63,7 +63,8 @@ def test_v1_working_set_from_a_captured_memory_stat() -> None:
     sample = v1_sample("16101376\n", stat, "314572800\n")
     assert sample.limit_bytes == 314572800
     assert sample.usage_bytes == 16101376
-    assert sample.working_set_bytes == 16101376 - 12288  # total_inactive_file
+    # total_cache 6193152 of which total_shmem 5984256 (shared buffers): 208896 reclaimable
+    assert sample.working_set_bytes == 16101376 - (6193152 - 5984256)
 
 
 def test_v1_unlimited_group_is_bounded_by_its_ancestors() -> None:
@@ -78,15 +79,18 @@ def test_page_cache_is_not_working_set() -> None:
     # inactive file pages.
     stat = "total_cache 300000000\ntotal_rss 10000000\ntotal_inactive_file 290000000\n"
     sample = v1_sample("310000000\n", stat, "314572800\n")
-    assert sample.working_set_bytes == 20000000
+    assert sample.working_set_bytes == 10000000
+    # Read twice, the cache is active: still reclaimable, still not the working set.
+    active = "total_cache 300000000\ntotal_shmem 5000000\ntotal_inactive_file 1000000\n"
+    assert v1_sample("310000000\n", active, "314572800\n").working_set_bytes == 15000000
     assert working_set(5, 9) == 0  # never negative (the counters are not read atomically)
 
 
 def test_v2_sample_reads_the_nearest_limit() -> None:
-    stat = "anon 200000000\nfile 50000000\ninactive_file 40000000\n"
+    stat = "anon 200000000\nfile 50000000\nshmem 10000000\ninactive_file 40000000\n"
     sample = v2_sample("250000000\n", stat, f"{300 * MIB}\n")
     assert sample.limit_bytes == 300 * MIB
-    assert sample.working_set_bytes == 210000000
+    assert sample.working_set_bytes == 250000000 - (50000000 - 10000000)
     assert v2_sample("1\n", "inactive_file 0\n", "max\n").limit_bytes is None
     assert v2_sample("1\n", "inactive_file 0\n", None).limit_bytes is None
 
@@ -103,7 +107,7 @@ def test_reader_on_a_fake_v1_tree(tmp_path: Path) -> None:
     (tmp_path / "memory.limit_in_bytes").write_text("314572800\n")
     (tmp_path / "memory.stat").write_text((GUARD_SAMPLES / "v1-memory.stat").read_text())
     sample = MemoryReader(MemoryGroup(1, str(tmp_path))).sample()
-    assert sample == Sample(209715200, 209715200 - 12288, 314572800)
+    assert sample == Sample(209715200, 209715200 - (6193152 - 5984256), 314572800)
 
 
 def test_v1_pressure_without_event_control_is_unavailable(tmp_path: Path) -> None:
