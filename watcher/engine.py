@@ -10,29 +10,32 @@ import selectors
 import signal
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from loguru import logger
 
 from watcher.adjust import Adjuster, Outcome, Result
 from watcher.config import Settings
+from watcher.discover import Finding, discover, judge
 from watcher.errors import AccessDenied, ProcessGone
-from watcher.identity import inspect
-from watcher.match import (
-    Facts,
-    Rule,
-    cmdline_text,
-    confirm,
-    might_be_postmaster,
+from watcher.events import (
+    Adjusted,
+    ChildAdjusted,
+    Exited,
+    Failed,
+    Kept,
+    Listener,
+    Notice,
+    Ready,
+    Refused,
+    Rescanned,
 )
+from watcher.match import Facts, Rule, cmdline_text, might_be_postmaster
+from watcher.outcomes import OutcomeLog
 from watcher.parse import Stat
 from watcher.procfs import ProcFS
-from watcher.scan import PATTERN, candidates
 from watcher.sources.base import Event, Examine, Forked, Rescan, Source
-
-Listener = Callable[[str, dict[str, Any]], None]
 
 
 @dataclass
@@ -61,15 +64,16 @@ class Engine:
         self.adjuster = Adjuster(self.procfs, dry_run=settings.dry_run)
         self.protected: dict[int, Protected] = {}
         self.counters = Counters()
-        self.listeners: list[Listener] = []
-        self._reported: set[tuple[int, int, str]] = set()  # (pid, start, reason) logged once
+        # The outcome log listens like the others (watcher.outcomes); metrics and systemd
+        # notification are attached by `pgoom watch`.
+        self.listeners: list[Listener] = [OutcomeLog()]
         self._stop = False
         self._stop_signal: Optional[str] = None
         self._wake_r, self._wake_w = socket.socketpair()
         # Without fork events (inotify, poll) children of protected postmasters are found by
         # scanning every --interval; with netlink the Forked events cover them.
-        self._scan_children = (
-            any(r.children_score is not None for r in settings.rules) and source.name != "netlink"
+        self._scan_children = not source.reports_forks and any(
+            r.children_score is not None for r in settings.rules
         )
 
     # --- the loop ------------------------------------------------------------------------
@@ -77,7 +81,7 @@ class Engine:
     def run(self) -> None:
         self._install_signal_handlers()
         self.scan("start")
-        self._emit("ready", source=self.source.name, protected=len(self.protected))
+        self._emit(Ready(source=self.source.name, protected=len(self.protected)))
         logger.info(
             "watching with source {} ({} rule(s)); {} postmaster(s) protected",
             self.source.name,
@@ -117,7 +121,7 @@ class Engine:
                     self.handle(self.source.read())
                     next_source = self._deadline(self.source.timeout_s())
                 if now >= next_verify:
-                    self.verify(full_scan=not event_driven)
+                    self.repair_drift(full_scan=not event_driven)
                     next_verify = now + self.settings.verify_interval_s
                 if self._scan_children and now >= next_children:
                     self.adjust_children()
@@ -142,7 +146,7 @@ class Engine:
             elif isinstance(event, Forked):
                 self.forked(event)
             elif isinstance(event, Rescan):
-                self._emit("rescan", reason=event.reason)
+                self._emit(Rescanned(reason=event.reason))
                 self.scan(event.reason)
 
     # --- reacting ------------------------------------------------------------------------
@@ -156,47 +160,27 @@ class Engine:
             return None
         if might_be_postmaster(argv, self.settings.rules) is None:
             return None
-        return self._inspect_and_protect(pid, argv, ts_ns, PATTERN)
+        finding = judge(self.procfs, pid, argv, self.settings.rules)
+        return None if finding is None else self._protect(finding, ts_ns)
 
-    def _inspect_and_protect(
-        self, pid: int, argv: list[str], ts_ns: int, method: str
-    ) -> Optional[Result]:
-        try:
-            facts = inspect(self.procfs, pid, argv=argv)
-        except (ProcessGone, AccessDenied) as err:
-            logger.debug("pid {} vanished before it could be examined: {}", pid, err)
-            return None
-        return self._protect_if_postmaster(facts, ts_ns, method=method)
-
-    def _protect_if_postmaster(self, facts: Facts, ts_ns: int, method: str) -> Optional[Result]:
-        pid, start = facts.pid, facts.stat.starttime_ticks
-        text = cmdline_text(facts.argv)
-        rule = next((r for r in self.settings.rules if r.matches(text, facts.data_dir)), None)
-        if rule is None and method != PATTERN:
-            rule = self.settings.rules[0]
+    def _protect(self, finding: Finding, ts_ns: int) -> Optional[Result]:
+        rule, facts, verdict = finding.rule, finding.facts, finding.verdict
         if rule is None:
             return None
-        verdict = confirm(facts)
+        pid, start = facts.pid, facts.stat.starttime_ticks
         if not verdict.ok:
-            self._once(
-                pid,
-                start,
-                verdict.reason,
-                "info",
-                "not protecting pid {} ({}): {}",
-                pid,
-                text[:120],
-                verdict.reason,
-            )
+            text = cmdline_text(facts.argv)[:120]
+            self._emit(Refused(pid=pid, start=start, cmdline=text, reason=verdict.reason))
             return None
         result = self.adjuster.set_score(pid, start, rule.score, only_lower=True)
         latency_us = (time.monotonic_ns() - ts_ns) // 1000 if ts_ns else None
-        self._record(facts, rule, result, latency_us, method)
+        self._record(facts, rule, result, latency_us, finding.method)
         return result
 
     def _record(
         self, facts: Facts, rule: Rule, result: Result, latency_us: Optional[int], method: str
     ) -> None:
+        """Keep the protected set in step with the write's outcome, then tell the listeners."""
         pid, start = facts.pid, facts.stat.starttime_ticks
         if result.outcome is Outcome.GONE:
             logger.debug("pid {} exited before it could be protected", pid)
@@ -208,56 +192,43 @@ class Engine:
             if facts.data_dir:
                 self.source.add_data_dir(facts.data_dir)
         known.score_ok = result.outcome is not Outcome.DENIED
-        fields = dict(
-            pid=pid,
-            data_dir=facts.data_dir,
-            old=result.old,
-            new=rule.score,
-            source=self.source.name,
-            latency_us=latency_us,
-            method=method,
-        )
         if result.outcome is Outcome.ADJUSTED:
             self.counters.adjustments += 1
-            logger.bind(**fields).info(
-                "protected postmaster pid={} data_dir={} oom_score_adj {} -> {} source={} "
-                "latency_us={}",
-                pid,
-                facts.data_dir,
-                result.old,
-                result.new,
-                self.source.name,
-                latency_us if latency_us is not None else "-",
+            self._emit(
+                Adjusted(
+                    pid=pid,
+                    data_dir=facts.data_dir,
+                    old=result.old,
+                    new=rule.score,
+                    source=self.source.name,
+                    latency_us=latency_us,
+                    method=method,
+                    protected=len(self.protected),
+                )
             )
-            self._emit("adjusted", **fields)
-        elif result.outcome is Outcome.DRY_RUN:
-            self._once(
-                pid,
-                start,
-                "dry-run",
-                "info",
-                "dry run: would set postmaster pid={} data_dir={} oom_score_adj {} -> {}",
-                pid,
-                facts.data_dir,
-                result.old,
-                rule.score,
-            )
-        elif result.outcome is Outcome.UNCHANGED:
-            self._once(
-                pid,
-                start,
-                "unchanged",
-                "info",
-                "postmaster pid={} data_dir={} already at oom_score_adj {} (target {})",
-                pid,
-                facts.data_dir,
-                result.old,
-                rule.score,
+        elif result.outcome in (Outcome.DRY_RUN, Outcome.UNCHANGED):
+            self._emit(
+                Kept(
+                    pid=pid,
+                    start=start,
+                    data_dir=facts.data_dir,
+                    old=result.old,
+                    target=rule.score,
+                    dry_run=result.outcome is Outcome.DRY_RUN,
+                )
             )
         elif result.outcome is Outcome.DENIED:
             self.counters.failures["denied"] = self.counters.failures.get("denied", 0) + 1
-            self._emit("failed", reason="denied", pid=pid, data_dir=facts.data_dir)
-            self._once(pid, start, "denied", "error", "{}", result.reason)
+            self._emit(
+                Failed(
+                    pid=pid,
+                    start=start,
+                    data_dir=facts.data_dir,
+                    reason="denied",
+                    message=result.reason,
+                    protected=len(self.protected),
+                )
+            )
 
     def forked(self, event: Forked) -> None:
         parent = self.protected.get(event.parent)
@@ -277,16 +248,13 @@ class Engine:
         result = self.adjuster.set_score(child, stat.starttime_ticks, parent.rule.children_score)
         if result.outcome in (Outcome.ADJUSTED, Outcome.UNCHANGED, Outcome.DRY_RUN):
             parent.children_done.add(key)
-        if result.outcome is Outcome.ADJUSTED:
-            logger.debug(
-                "child pid={} of postmaster {}: oom_score_adj {} -> {}",
-                child,
-                parent.pid,
-                result.old,
-                result.new,
+        if result.outcome in (Outcome.ADJUSTED, Outcome.DENIED):
+            denied = result.reason if result.outcome is Outcome.DENIED else ""
+            self._emit(
+                ChildAdjusted(
+                    child, stat.starttime_ticks, parent.pid, result.old, result.new, denied
+                )
             )
-        elif result.outcome is Outcome.DENIED:
-            self._once(child, stat.starttime_ticks, "denied", "warning", "{}", result.reason)
 
     def adjust_children(self) -> None:
         """Without fork events (inotify, poll), children are found by scanning."""
@@ -305,13 +273,14 @@ class Engine:
     # --- scanning and verifying ------------------------------------------------------------
 
     def scan(self, reason: str) -> None:
-        """Examine every process a rule may cover; the seed's fallbacks (b) and (c) only
-        when no rule's first look matched anything (watcher.scan)."""
+        """Examine every process a rule may cover; the fallbacks (the parent of other
+        postgres processes, else the only one) only when no rule's first look matched
+        anything (watcher.discover)."""
         logger.debug("scanning /proc ({})", reason)
-        for found in candidates(self.procfs, self.settings.rules, self.settings.fallback):
-            self._inspect_and_protect(found.pid, found.argv, 0, found.method)
+        for finding in discover(self.procfs, self.settings.rules, self.settings.fallback):
+            self._protect(finding, 0)
 
-    def verify(self, full_scan: bool = False) -> None:
+    def repair_drift(self, full_scan: bool = False) -> None:
         """Drift repair: a runtime or an operator may reset a protected postmaster's score.
         Without netlink this tick also rescans, to find postmasters no event announced."""
         for pid, known in list(self.protected.items()):
@@ -320,9 +289,8 @@ class Engine:
             except (ProcessGone, AccessDenied):
                 stat = None
             if stat is None or stat.starttime_ticks != known.starttime_ticks or stat.state == "Z":
-                logger.info("postmaster pid={} data_dir={} exited", pid, known.data_dir)
                 del self.protected[pid]
-                self._emit("exited", pid=pid, data_dir=known.data_dir)
+                self._emit(Exited(pid=pid, data_dir=known.data_dir, protected=len(self.protected)))
                 continue
             result = self.adjuster.set_score(
                 pid, known.starttime_ticks, known.rule.score, only_lower=True
@@ -330,46 +298,29 @@ class Engine:
             if result.outcome is Outcome.ADJUSTED:
                 self.counters.drift_repairs += 1
                 known.score_ok = True
-                logger.warning(
-                    "drift repaired: postmaster pid={} data_dir={} had oom_score_adj {}, set "
-                    "back to {}",
-                    pid,
-                    known.data_dir,
-                    result.old,
-                    result.new,
-                )
                 self._emit(
-                    "adjusted",
-                    pid=pid,
-                    data_dir=known.data_dir,
-                    old=result.old,
-                    new=result.new,
-                    source="verify",
-                    latency_us=None,
-                    method="drift",
+                    Adjusted(
+                        pid=pid,
+                        data_dir=known.data_dir,
+                        old=result.old,
+                        new=known.rule.score,
+                        source="verify",
+                        latency_us=None,
+                        method="drift",
+                        protected=len(self.protected),
+                    )
                 )
         if full_scan:
             self.scan("periodic")
 
     # --- plumbing --------------------------------------------------------------------------
 
-    def _once(self, pid: int, start: int, key: str, level: str, message: str, *args: Any) -> None:
-        """Log a per-process condition once (then at debug): an EACCES must not flood."""
-        marker = (pid, start, key)
-        if marker in self._reported:
-            logger.debug(message, *args)
-            return
-        self._reported.add(marker)
-        if len(self._reported) > 10000:
-            self._reported.clear()
-        logger.log(level.upper(), message, *args)
-
-    def _emit(self, name: str, **fields: Any) -> None:
+    def _emit(self, notice: Notice) -> None:
         for listener in self.listeners:
             try:
-                listener(name, fields)
+                listener(notice)
             except Exception as err:  # a broken metrics hook must not stop protection
-                logger.opt(exception=err).warning("listener failed on {}", name)
+                logger.opt(exception=err).warning("listener failed on {}", type(notice).__name__)
 
     @staticmethod
     def _deadline(timeout_s: Optional[float]) -> Optional[float]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -20,6 +20,11 @@ from prometheus_client.registry import Collector
 
 from watcher import __version__
 from watcher.errors import UsageError
+from watcher.events import Adjusted, Exited, Notice, Ready, Rescanned
+from watcher.parse import parse_address
+
+if TYPE_CHECKING:
+    from watcher.engine import Engine
 
 # exec → oom_score_adj written: netlink measured p50 ~0.1 ms, inotify should stay under
 # 5 ms; the long tail goes up to the poll source's interval (30 s by default).
@@ -46,27 +51,11 @@ SOURCES = ("netlink", "inotify", "poll")
 LOST_STAT_KEYS = ("enobufs", "lost", "overflows")
 
 
-def parse_address(text: str) -> tuple[str, int]:
-    """'HOST:PORT', '[IPv6]:PORT' or ':PORT' (every interface) → (host, port)."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit() or int(port_text) > 65535:
-        raise UsageError(
-            f"--metrics-address {text!r} must be HOST:PORT, such as 127.0.0.1:9187 or [::1]:9187"
-        )
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise UsageError(
-            f"--metrics-address {text!r}: write an IPv6 address in brackets, [::1]:9187"
-        )
-    return host or "0.0.0.0", int(port_text)
-
-
 class EngineCollector(Collector):
     """Reads the engine's counters when Prometheus scrapes."""
 
     def __init__(self) -> None:
-        self.engine: Any = None  # set once the source is subscribed
+        self.engine: Optional[Engine] = None  # set once the source is subscribed
 
     def collect(self) -> Iterator[Metric]:
         engine = self.engine
@@ -179,21 +168,24 @@ class Metrics:
         self._server: Any = None
         self.bound: Optional[tuple[str, int]] = None
 
-    def on_event(self, name: str, fields: dict[str, Any]) -> None:
-        if name == "ready":
+    def __call__(self, notice: Notice) -> None:
+        """An Engine listener (watcher.events)."""
+        if isinstance(notice, Ready):
             self.ready.set(1)
-        elif name == "rescan":
-            self.rescans.labels(str(fields.get("reason", "unknown"))).inc()
-        elif name == "adjusted":
-            latency_us = fields.get("latency_us")
-            if latency_us is not None:
-                self.latency.labels(str(fields.get("source", ""))).observe(latency_us / 1e6)
-        elif name == "exited":
+        elif isinstance(notice, Rescanned):
+            self.rescans.labels(notice.reason).inc()
+        elif isinstance(notice, Adjusted):
+            if notice.latency_us is not None:
+                self.latency.labels(notice.source).observe(notice.latency_us / 1e6)
+        elif isinstance(notice, Exited):
             self.exits.inc()
 
     def serve(self, address: str) -> tuple[str, int]:
         """Listen on `address`; returns the bound (host, port) (port 0 picks a free one)."""
-        host, port = parse_address(address)
+        try:
+            host, port = parse_address(address)
+        except ValueError as err:
+            raise UsageError(f"--metrics-address {err}") from None
         try:
             self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
         except (OSError, socket.gaierror) as err:
@@ -209,9 +201,9 @@ class Metrics:
             self._server.server_close()
             self._server = None
 
-    def attach(self, engine: Any) -> None:
-        """Follow `engine`: its listener events, and its counters at every scrape."""
-        engine.listeners.append(self.on_event)
+    def attach(self, engine: Engine) -> None:
+        """Follow `engine`: its notices, and its counters at every scrape."""
+        engine.listeners.append(self)
         self.collector.engine = engine
 
 

@@ -6,16 +6,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
 from tests.support.pg import children_of, read_score
-from watcher.doctor import FAIL, PASS, WARN, run_checks
+from tests.support.watcher import PGOOM
+from watcher.commands.doctor import run_checks
+from watcher.commands.doctor.checks import FAIL, PASS, WARN
 
 pytestmark = pytest.mark.root
 
-PGOOM = [sys.executable, "-m", "watcher"]
 
 
 def doctor(*args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:

@@ -63,7 +63,7 @@ def watcher(tmp_path: Any, two_clusters: tuple[Cluster, Cluster]) -> Iterator[Wa
     # Two rules from a config file: one the kernel allows (0), one it refuses here (-900,
     # no CAP_SYS_RESOURCE): adjustments and failures both show.
     config = tmp_path / "pgoom.toml"
-    # fallback = false: with no rule matching yet, the seed's fallback would protect any
+    # fallback = false: with no rule matching yet, the fallback would protect any
     # other postmaster on the host and make the counts depend on what else runs here.
     config.write_text(
         "fallback = false\n\n"

@@ -7,13 +7,12 @@ import json
 
 import pytest
 
-from watcher.doctor import (
+from watcher.commands.doctor.checks import (
     FAIL,
     PASS,
     WARN,
     CheckResult,
     NamespaceFacts,
-    cgroup_dir,
     decide_cap_dac_override,
     decide_cap_sys_resource,
     decide_kernel,
@@ -24,16 +23,12 @@ from watcher.doctor import (
     decide_own_score,
     decide_swap,
     find_floor,
-    has_v1_memory,
-    kernel_version,
     namespace_verdicts,
-    parse_cgroup2_mount,
-    parse_cgroup_v2_path,
-    parse_meminfo,
     render,
     worst_exit_code,
 )
-from watcher.parse import CAP_DAC_OVERRIDE, CAP_SYS_RESOURCE
+from watcher.limits import CAP_DAC_OVERRIDE, CAP_SYS_RESOURCE
+from watcher.parse import kernel_version, parse_meminfo
 
 # CapEff/CapBnd of root on this machine kind: everything but CAP_SYS_RESOURCE (bit 24).
 FULL = (1 << 41) - 1
@@ -187,39 +182,6 @@ def test_namespaces_pid_ns_seen_through_host_proc() -> None:
     unreadable = {"pid": None, "user": None, "net": None}
     facts = _ns(kthreadd=dict(unreadable), pid1=dict(unreadable), nspid_levels=2)
     assert namespace_verdicts(facts)["pid"] is False
-
-
-CGROUP_V1 = """9:name=systemd:/
-4:memory:/process_api/5a4df193dc8112068844355e1e0f6d0c
-1:cpu,cpuacct:/
-0::/
-"""
-CGROUP_V2 = "0::/kubepods.slice/kubepods-burstable.slice/cri-containerd-abc.scope\n"
-MOUNTINFO = (
-    "25 30 0:22 / /proc rw,nosuid - proc proc rw\n"
-    "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n"
-)
-MOUNTINFO_CONTAINER = (
-    "700 690 0:30 /kubepods.slice/kubepods-burstable.slice/cri-containerd-abc.scope "
-    "/sys/fs/cgroup ro,nosuid - cgroup2 cgroup rw\n"
-)
-
-
-def test_cgroup_parsers() -> None:
-    assert parse_cgroup_v2_path(CGROUP_V1) == "/"
-    assert has_v1_memory(CGROUP_V1)
-    assert not has_v1_memory(CGROUP_V2)
-    assert parse_cgroup_v2_path("4:memory:/x\n") is None
-    assert parse_cgroup2_mount(MOUNTINFO) == ("/", "/sys/fs/cgroup/unified")
-    assert parse_cgroup2_mount("25 30 0:22 / /proc rw - proc proc rw\n") is None
-    assert parse_cgroup2_mount("1 2 0:3 / /mnt/a\\040b rw - cgroup2 c rw\n") == ("/", "/mnt/a b")
-
-
-def test_cgroup_dir_inside_a_container_without_cgroupns() -> None:
-    root, point = parse_cgroup2_mount(MOUNTINFO_CONTAINER) or ("", "")
-    path = parse_cgroup_v2_path(CGROUP_V2) or ""
-    assert cgroup_dir(path, root, point) == "/sys/fs/cgroup"
-    assert cgroup_dir("/a/b", "/", "/sys/fs/cgroup") == "/sys/fs/cgroup/a/b"
 
 
 def test_oom_group() -> None:

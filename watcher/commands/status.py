@@ -6,12 +6,10 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-import psutil
-
 from watcher.config import build_rules
+from watcher.discover import PATTERN, Finding, discover
 from watcher.errors import AccessDenied, ProcessGone
-from watcher.identity import inspect
-from watcher.match import ProcInfo, confirm, fallback_postmasters, role_of
+from watcher.match import ProcInfo, Rule, role_of, validate_score
 from watcher.procfs import ProcFS
 
 
@@ -29,8 +27,20 @@ class Row:
 
 
 def snapshot(patterns: list[str], score: int, procfs: Optional[ProcFS] = None) -> list[Row]:
+    """Every postgres process. Every verified postmaster is listed as one; without
+    --pattern each is judged against `score`, with it only those a pattern covers (the
+    others say so). The fallbacks (the parent of other postgres processes, else the only
+    one) apply without --pattern, as in `pgoom watch`."""
     procfs = procfs or ProcFS()
-    build_rules(patterns, [], score, None)  # validates the options: one-line error, exit 2
+    validate_score(score)
+    every_postmaster = Rule(score=score)
+    # Validates the patterns too: one-line error, exit 2.
+    rules = build_rules(patterns, [], score, None) if patterns else []
+    postmasters = {
+        finding.pid: finding
+        for finding in discover(procfs, [*rules, every_postmaster], fallback=not patterns)
+        if finding.verdict.ok
+    }
     infos: list[ProcInfo] = []
     for pid in procfs.pids():
         try:
@@ -39,34 +49,24 @@ def snapshot(patterns: list[str], score: int, procfs: Optional[ProcFS] = None) -
         except (ProcessGone, AccessDenied):
             continue
         info = ProcInfo(pid, stat.ppid, stat.comm, argv)
-        if info.is_postgres:
+        if info.is_postgres or pid in postmasters:
             infos.append(info)
-    postmasters: dict[int, tuple[Optional[str], str]] = {}
-    for info in infos:
-        try:
-            facts = inspect(procfs, info.pid, argv=info.argv)
-        except (ProcessGone, AccessDenied):
-            continue
-        verdict = confirm(facts)
-        if verdict.ok:
-            postmasters[info.pid] = (facts.data_dir, verdict.reason)
-    if not postmasters:
-        for info in fallback_postmasters(infos)[0]:
-            postmasters[info.pid] = (None, "fallback")
     rows = []
     for info in sorted(infos, key=lambda i: (i.ppid not in postmasters, i.pid)):
-        is_pm = info.pid in postmasters
-        data_dir = postmasters[info.pid][0] if is_pm else None
-        if not is_pm and info.ppid in postmasters:
-            data_dir = postmasters[info.ppid][0]
+        finding = postmasters.get(info.pid)
+        parent = postmasters.get(info.ppid)
+        is_pm = finding is not None
+        covered = finding is not None and (finding.rule is not every_postmaster or not patterns)
+        owner = finding or parent
+        data_dir = owner.facts.data_dir if owner is not None else None
         try:
             adj: Optional[int] = procfs.oom_score_adj(info.pid)
             oom: Optional[int] = procfs.oom_score(info.pid)
         except (ProcessGone, AccessDenied):
             adj = oom = None
         try:
-            rss: Optional[int] = psutil.Process(info.pid).memory_info().rss // 1024
-        except (psutil.Error, OSError):
+            rss = procfs.rss_kib(info.pid)
+        except (ProcessGone, AccessDenied):
             rss = None
         rows.append(
             Row(
@@ -77,11 +77,19 @@ def snapshot(patterns: list[str], score: int, procfs: Optional[ProcFS] = None) -
                 oom_score_adj=adj,
                 oom_score=oom,
                 rss_kib=rss,
-                protected=(adj is not None and adj <= score) if is_pm else None,
-                note=postmasters[info.pid][1] if is_pm else "",
+                protected=(adj is not None and adj <= score) if covered else None,
+                note=_note(finding, covered),
             )
         )
     return rows
+
+
+def _note(finding: Optional[Finding], covered: bool) -> str:
+    if finding is None:
+        return ""
+    if not covered:
+        return "no --pattern covers it"
+    return finding.verdict.reason if finding.method == PATTERN else finding.how
 
 
 def render(rows: list[Row], as_json: bool) -> str:

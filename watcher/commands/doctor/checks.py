@@ -1,39 +1,29 @@
-"""`pgoom doctor`: can pgoom protect a postmaster here, and if not, what must change.
-
-Each check gathers a few facts (the only I/O), then a pure function decides pass, warn or
-fail and words the fix. Exit status (docs/doctor.md): 0 when nothing failed (warnings
-included: they name a degraded but working setup), 1 (EXIT_CHECK_FAILED) when a check
-failed: pgoom cannot reach the target score, or cannot learn of postmasters at all.
-"""
+"""`pgoom doctor`'s decisions: pure functions from the facts gathered (watcher.commands.doctor)
+to pass, warn or fail, each with the fix worded; and the report."""
 
 from __future__ import annotations
 
 import json
-import os
-import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from loguru import logger
-
-from watcher.errors import EXIT_CHECK_FAILED, EXIT_OK, AccessDenied, PgoomError, ProcessGone
-from watcher.match import validate_score
-from watcher.parse import (
+from watcher.limits import (
     CAP_DAC_OVERRIDE,
     CAP_SYS_RESOURCE,
-    capability_set,
-    has_capability,
-    parse_stat,
-    status_uids,
+    EXIT_CHECK_FAILED,
+    EXIT_OK,
+    OOM_SCORE_ADJ_MAX,
+    OOM_SCORE_ADJ_MIN,
+    PROC_INPUT_KERNEL,
 )
-from watcher.procfs import ProcFS
+from watcher.parse import (
+    has_capability,
+    kernel_version,
+)
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
 _RANK = {PASS: 0, WARN: 1, FAIL: 2}
-OOM_SCORE_ADJ_MIN = -1000
-OOM_SCORE_ADJ_MAX = 1000
-FILTER_KERNEL = (6, 6)  # proc connector: proc_input filtering, LISTEN without CAP_NET_ADMIN
 INIT_USER_NS_UID_MAP = ("0", "0", "4294967295")  # the identity map only init_user_ns has
 
 CAP_FIX = (
@@ -54,11 +44,6 @@ class CheckResult:
 # --- pure decisions -----------------------------------------------------------------------
 
 
-def kernel_version(release: str) -> Optional[tuple[int, int]]:
-    found = re.match(r"(\d+)\.(\d+)", release)
-    return (int(found[1]), int(found[2])) if found else None
-
-
 def decide_kernel(release: str) -> CheckResult:
     version = kernel_version(release)
     if version is None:
@@ -68,7 +53,7 @@ def decide_kernel(release: str) -> CheckResult:
             f"cannot parse kernel release {release!r}",
             "check `uname -r`; pgoom expects Linux 6.6 or later",
         )
-    if version >= FILTER_KERNEL:
+    if version >= PROC_INPUT_KERNEL:
         return CheckResult(
             "kernel",
             PASS,
@@ -296,49 +281,6 @@ def decide_own_score(own: int, floor: int, score: int) -> CheckResult:
     )
 
 
-def parse_cgroup_v2_path(text: str) -> Optional[str]:
-    """The unified-hierarchy path ('0::/path') from /proc/<pid>/cgroup."""
-    for line in text.splitlines():
-        if line.startswith("0::"):
-            return line[3:] or "/"
-    return None
-
-
-def has_v1_memory(text: str) -> bool:
-    for line in text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) == 3 and parts[0] != "0" and "memory" in parts[1].split(","):
-            return True
-    return False
-
-
-def parse_cgroup2_mount(mountinfo: str) -> Optional[tuple[str, str]]:
-    """(root inside the hierarchy, mount point) of the first cgroup2 mount."""
-    for line in mountinfo.splitlines():
-        left, sep, right = line.partition(" - ")
-        if not sep or not right.startswith("cgroup2 "):
-            continue
-        fields = left.split()
-        if len(fields) >= 5:
-            return _unescape(fields[3]), _unescape(fields[4])
-    return None
-
-
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
-
-
-def cgroup_dir(cgroup_path: str, mount_root: str, mount_point: str) -> str:
-    """Where the cgroup `cgroup_path` appears under `mount_point` (a container's cgroup2
-    mount may start below the hierarchy's root)."""
-    rel = cgroup_path
-    if mount_root != "/" and (rel == mount_root or rel.startswith(mount_root + "/")):
-        rel = rel[len(mount_root) :]
-    rel = rel.strip("/")
-    return f"{mount_point.rstrip('/')}/{rel}" if rel else mount_point
-
-
 def decide_oom_group(
     oom_group: Optional[str], where: str, v1_memory: bool, score: int
 ) -> CheckResult:
@@ -370,19 +312,6 @@ def decide_oom_group(
         "use --score -1000 (needs CAP_SYS_RESOURCE), or turn group kill off (kubelet "
         "singleProcessOOMKill: true, Kubernetes 1.32+; or write 0 to memory.oom.group)",
     )
-
-
-def parse_meminfo(text: str) -> dict[str, int]:
-    """/proc/meminfo values in kB."""
-    values: dict[str, int] = {}
-    for line in text.splitlines():
-        key, sep, rest = line.partition(":")
-        if sep and rest.split():
-            try:
-                values[key] = int(rest.split()[0])
-            except ValueError:
-                continue
-    return values
 
 
 def decide_overcommit(mode: int, ratio: Optional[int]) -> CheckResult:
@@ -427,204 +356,6 @@ def decide_swap(meminfo: dict[str, int], overcommit_mode: Optional[int]) -> Chec
             "guards against",
         )
     return CheckResult("swap", PASS, f"{swap_text}; CommitLimit {limit_kb // 1024} MiB")
-
-
-# --- gathering --------------------------------------------------------------------------
-
-
-def _text(path: str) -> Optional[str]:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            return handle.read()
-    except OSError:
-        return None
-
-
-def _ns_links(procfs: ProcFS, pid: int) -> dict[str, Optional[str]]:
-    links: dict[str, Optional[str]] = {}
-    for name in ("pid", "user", "net"):
-        try:
-            links[name] = procfs.readlink(pid, f"ns/{name}")
-        except (ProcessGone, AccessDenied, OSError):
-            links[name] = None
-    return links
-
-
-def gather_namespaces(procfs: ProcFS, netlink_acked: bool = False) -> NamespaceFacts:
-    kthreadd: Optional[dict[str, Optional[str]]] = None
-    try:
-        stat = parse_stat(procfs.read_text(2, "stat"))
-        if stat.comm == "kthreadd" and stat.ppid == 0:
-            kthreadd = _ns_links(procfs, 2)
-    except (ProcessGone, AccessDenied, OSError, ValueError):
-        kthreadd = None
-    me = os.getpid()
-    try:
-        uid_map: Optional[str] = procfs.read_text(me, "uid_map")
-    except (ProcessGone, AccessDenied, OSError):
-        uid_map = None
-    try:
-        nspid = len(procfs.status(me).get("NSpid", "x").split())
-    except (ProcessGone, AccessDenied, OSError):
-        nspid = 1
-    return NamespaceFacts(
-        own=_ns_links(procfs, me),
-        kthreadd=kthreadd,
-        pid1=_ns_links(procfs, 1),
-        uid_map=uid_map,
-        nspid_levels=nspid,
-        netlink_acked=netlink_acked,
-    )
-
-
-def probe_floor(procfs: ProcFS) -> int:
-    """Find the oom_score_adj floor by writing to a child of ours, never to ourselves: the
-    child inherits our oom_score_adj and oom_score_adj_min at fork, and a write that works
-    on it would work on any process that shares them. The child waits on a pipe and exits
-    when it closes (also if we die)."""
-    read_end, write_end = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - runs in the child
-        try:
-            os.close(write_end)
-            os.read(read_end, 1)
-        finally:
-            os._exit(0)
-    os.close(read_end)
-    try:
-
-        def can_set(value: int) -> bool:
-            try:
-                procfs.write_oom_score_adj(child, value)
-            except AccessDenied:
-                return False
-            return True
-
-        return find_floor(can_set)
-    finally:
-        os.close(write_end)
-        os.waitpid(child, 0)
-
-
-def _check_netlink(acked: list[bool]) -> CheckResult:
-    """Subscribe for real (watcher.sources.netlink requires the ack) and unsubscribe."""
-    from watcher.sources.netlink import NetlinkSource
-
-    # A small buffer: this subscription lives for a moment and reads nothing.
-    source = NetlinkSource(rcvbuf_bytes=1 << 20, ack_timeout_s=0.5)
-    try:
-        source.open()
-    except PgoomError as err:
-        return decide_netlink(str(err), False)
-    finally:
-        source.close()
-    acked.append(True)
-    return decide_netlink(None, source.filtered)
-
-
-def _check_inotify() -> CheckResult:
-    from watcher.sources.inotify import inotify_init
-
-    try:
-        fd = inotify_init()
-    except PgoomError as err:
-        return decide_inotify(str(err))
-    os.close(fd)
-    return decide_inotify(None)
-
-
-def _check_oom_group(procfs: ProcFS, score: int) -> CheckResult:
-    me = os.getpid()
-    cgroups = procfs.read_text(me, "cgroup")
-    v1_memory = has_v1_memory(cgroups)
-    path = parse_cgroup_v2_path(cgroups)
-    mount = parse_cgroup2_mount(procfs.read_text(me, "mountinfo"))
-    if path is None or mount is None:
-        return decide_oom_group(None, "this process", v1_memory, score)
-    directory = cgroup_dir(path, *mount)
-    return decide_oom_group(_text(f"{directory}/memory.oom.group"), directory, v1_memory, score)
-
-
-def run_checks(score: int, proc_root: str = "/proc") -> list[CheckResult]:
-    """Run every check against target `score`. Raises UsageError for a score out of range."""
-    validate_score(score)
-    procfs = ProcFS(proc_root)
-    me = os.getpid()
-    status = procfs.status(me)
-    effective = capability_set(status, "CapEff")
-    bounding = capability_set(status, "CapBnd")
-    euid = status_uids(status)[1]
-    floor_cache: list[int] = []
-    acked: list[bool] = []
-    namespaces: list[NamespaceFacts] = []
-
-    def ns_facts() -> NamespaceFacts:
-        if not namespaces:
-            namespaces.append(gather_namespaces(procfs, bool(acked)))
-        return namespaces[0]
-
-    def floor() -> int:
-        if not floor_cache:
-            floor_cache.append(probe_floor(procfs))
-        return floor_cache[0]
-
-    def overcommit_mode() -> Optional[int]:
-        text = _text(f"{proc_root}/sys/vm/overcommit_memory")
-        return int(text) if text is not None and text.strip().isdigit() else None
-
-    def overcommit() -> CheckResult:
-        mode = overcommit_mode()
-        if mode is None:
-            return CheckResult(
-                "vm.overcommit_memory", WARN, "cannot read /proc/sys/vm/overcommit_memory"
-            )
-        ratio_text = _text(f"{proc_root}/sys/vm/overcommit_ratio")
-        ratio = int(ratio_text) if ratio_text and ratio_text.strip().isdigit() else None
-        return decide_overcommit(mode, ratio)
-
-    checks: list[tuple[str, Callable[[], CheckResult]]] = [
-        ("kernel", lambda: decide_kernel(os.uname().release)),
-        ("netlink", lambda: _check_netlink(acked)),
-        ("inotify", _check_inotify),
-        ("namespaces", lambda: decide_namespaces(ns_facts())),
-        (
-            "cap_sys_resource",
-            lambda: decide_cap_sys_resource(
-                effective, bounding, score, floor(), namespace_verdicts(ns_facts())["user"]
-            ),
-        ),
-        ("cap_dac_override", lambda: decide_cap_dac_override(effective, euid)),
-        ("oom_score_adj", lambda: decide_own_score(procfs.oom_score_adj(me), floor(), score)),
-        ("memory.oom.group", lambda: _check_oom_group(procfs, score)),
-        ("vm.overcommit_memory", overcommit),
-        (
-            "swap",
-            lambda: decide_swap(
-                parse_meminfo(_text(f"{proc_root}/meminfo") or ""), overcommit_mode()
-            ),
-        ),
-    ]
-    results = []
-    # The sources log at debug level while they open; the doctor's output is its report.
-    logger.disable("watcher")
-    try:
-        for name, check in checks:
-            try:
-                results.append(check())
-            except (PgoomError, OSError, ValueError, KeyError) as err:
-                # One check that cannot run must not hide the others.
-                reason = os.strerror(err.errno) if isinstance(err, OSError) and err.errno else err
-                results.append(
-                    CheckResult(
-                        name,
-                        WARN,
-                        f"could not check: {reason}",
-                        "run pgoom doctor as the user and in the container pgoom runs in",
-                    )
-                )
-    finally:
-        logger.enable("watcher")
-    return results
 
 
 # --- output -------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """`pgoom verify`: is every postmaster protected? For CI jobs and Kubernetes probes.
 
-Finds postmasters with the watcher's own rules (a pattern or data-directory rule names the
-candidate, watcher.identity.inspect gathers the facts, watcher.match.confirm decides; the
-seed's fallbacks apply, with the default pattern only, when it matches nothing) and polls
+Finds postmasters as the watcher does (watcher.discover, with the watcher's own rules; the
+fallbacks, the parent of other postgres processes, else the only one, apply with the
+default pattern only, when it matches nothing) and polls
 until every one is at or below the expected score, or the timeout passes. Read-only: it
 never writes a score.
 
@@ -21,22 +21,12 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 from watcher.config import build_rules, check_data_dir
-from watcher.errors import (
-    EXIT_CHECK_FAILED,
-    EXIT_NOT_FOUND,
-    EXIT_OK,
-    AccessDenied,
-    ProcessGone,
-    UsageError,
-)
-from watcher.identity import inspect
-from watcher.match import (
-    Rule,
-    cmdline_text,
-    confirm,
-)
+from watcher.discover import discover
+from watcher.errors import AccessDenied, ProcessGone
+from watcher.limits import EXIT_CHECK_FAILED, EXIT_NOT_FOUND, EXIT_OK
+from watcher.match import Rule
+from watcher.options import VERIFY_TIMEOUT
 from watcher.procfs import ProcFS
-from watcher.scan import PATTERN, candidates
 
 # Short enough that a probe with a 1 s timeout still gets several looks; long enough that a
 # 10 s wait costs a hundred /proc scans, not thousands.
@@ -58,47 +48,24 @@ def find_postmasters(
 ) -> list[Found]:
     """One scan of /proc, deciding as `pgoom watch` does, and reading each score."""
     found: list[Found] = []
-    for candidate in candidates(procfs, rules, fallback):
-        method = None if candidate.method == PATTERN else candidate.method
-        _consider(procfs, candidate.pid, candidate.argv, rules, score, method, found)
-    return found
-
-
-def _consider(
-    procfs: ProcFS,
-    pid: int,
-    argv: list[str],
-    rules: list[Rule],
-    score: int,
-    fallback_method: Optional[str],
-    found: list[Found],
-) -> None:
-    try:
-        facts = inspect(procfs, pid, argv=argv)
-    except (ProcessGone, AccessDenied):
-        return
-    text = cmdline_text(argv)
-    rule = next((r for r in rules if r.matches(text, facts.data_dir)), None)
-    if rule is None and fallback_method is None:
-        return  # e.g. named postgres, but not in the --data-dir the rule asks for
-    verdict = confirm(facts)
-    if not verdict.ok:
-        return
-    try:
-        adj: Optional[int] = procfs.oom_score_adj(pid)
-    except (ProcessGone, AccessDenied):
-        adj = None
-    how = rule.name if rule is not None else f"fallback: {fallback_method}"
-    found.append(
-        Found(
-            pid=pid,
-            data_dir=facts.data_dir,
-            oom_score_adj=adj,
-            protected=adj is not None and adj <= score,
-            how=how,
-            reason=verdict.reason,
+    for finding in discover(procfs, rules, fallback):
+        if not finding.protectable:
+            continue  # e.g. named postgres, but not in the --data-dir the rule asks for
+        try:
+            adj: Optional[int] = procfs.oom_score_adj(finding.pid)
+        except (ProcessGone, AccessDenied):
+            adj = None
+        found.append(
+            Found(
+                pid=finding.pid,
+                data_dir=finding.facts.data_dir,
+                oom_score_adj=adj,
+                protected=adj is not None and adj <= score,
+                how=finding.how,
+                reason=finding.verdict.reason,
+            )
         )
-    )
+    return found
 
 
 def verify_postmasters(
@@ -114,10 +81,9 @@ def verify_postmasters(
 
     A timeout of 0 looks exactly once. Success needs at least one postmaster: a probe that
     passes while PostgreSQL is not running would hide the failure it exists to catch."""
-    if timeout_s < 0:
-        raise UsageError(f"--timeout {timeout_s:g} must be 0 or more seconds")
+    VERIFY_TIMEOUT.validate(timeout_s)
     rules = build_rules(patterns, [check_data_dir(d) for d in data_dirs], score, None)
-    # As in `pgoom watch`: the seed's fallbacks guess, so only with the default pattern.
+    # As in `pgoom watch`: the fallbacks guess, so only with the default pattern.
     fallback = not (patterns or data_dirs)
     procfs = procfs or ProcFS()
     start = time.monotonic()
