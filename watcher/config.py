@@ -13,10 +13,18 @@ from watcher.match import Rule
 from watcher.options import (
     CHILDREN_SCORE,
     DATA_DIR,
+    DEFAULT_GUARD_COOLDOWN_S,
+    DEFAULT_GUARD_FLOOR_MB,
+    DEFAULT_GUARD_GRACE_S,
+    DEFAULT_GUARD_THRESHOLD_PCT,
     DEFAULT_INTERVAL_S,
     DEFAULT_LOG_FILE,
     DEFAULT_RCVBUF_BYTES,
     DEFAULT_VERIFY_INTERVAL_S,
+    GUARD_COOLDOWN,
+    GUARD_FLOOR_MB,
+    GUARD_GRACE,
+    GUARD_THRESHOLD_PCT,
     INTERVAL,
     LOG_LEVEL,
     PATTERN,
@@ -46,6 +54,36 @@ class Settings:
     realtime: bool = False  # SCHED_FIFO: the exec -> protected tail is CPU contention
     ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S
     proc_root: str = "/proc"
+    guard: Optional[GuardOptions] = None  # None: the guard is off
+
+
+@dataclass(frozen=True)
+class GuardOptions:
+    """`--guard`'s settings, checked (watcher.guard.GuardSettings is built from them)."""
+
+    dry_run: bool = False
+    threshold_pct: float = DEFAULT_GUARD_THRESHOLD_PCT
+    grace_s: float = DEFAULT_GUARD_GRACE_S
+    cooldown_s: float = DEFAULT_GUARD_COOLDOWN_S
+    floor_mb: int = DEFAULT_GUARD_FLOOR_MB
+
+
+def guard_options(
+    guard: bool,
+    dry_run: bool = False,
+    threshold_pct: float = DEFAULT_GUARD_THRESHOLD_PCT,
+    grace_s: float = DEFAULT_GUARD_GRACE_S,
+    cooldown_s: float = DEFAULT_GUARD_COOLDOWN_S,
+    floor_mb: int = DEFAULT_GUARD_FLOOR_MB,
+) -> Optional[GuardOptions]:
+    """The guard's settings, each checked by its declaration; None when it is off."""
+    GUARD_THRESHOLD_PCT.validate(threshold_pct)
+    GUARD_GRACE.validate(grace_s)
+    GUARD_COOLDOWN.validate(cooldown_s)
+    GUARD_FLOOR_MB.validate(floor_mb)
+    if not (guard or dry_run):
+        return None
+    return GuardOptions(dry_run, float(threshold_pct), float(grace_s), float(cooldown_s), floor_mb)
 
 
 def compile_pattern(text: str, where: str = PATTERN.flag) -> re.Pattern[str]:
@@ -98,6 +136,7 @@ def make_settings(
     realtime: bool = False,
     ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S,
     proc_root: str = "/proc",
+    guard: Optional[GuardOptions] = None,
 ) -> Settings:
     """Settings from values already taken from the command line, environment or file,
     each checked by its declaration in watcher.options."""
@@ -124,4 +163,5 @@ def make_settings(
         realtime=realtime,
         ack_timeout_s=ack_timeout_s,
         proc_root=proc_root,
+        guard=guard,
     )

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import select
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from loguru import logger
 
 from watcher.errors import AccessDenied, ProcessGone
+from watcher.events import Adjusted, Exited, Failed, Kept, Notice
 from watcher.guard.children import read_children
 from watcher.guard.episode import Guard, GuardSettings, Report
 from watcher.guard.locate import NotVisible, locate
@@ -34,7 +35,7 @@ from watcher.guard.pressure import PressureSource, PressureUnavailable, Registra
 from watcher.guard.signals import send
 from watcher.procfs import ProcFS
 
-__all__ = ["GuardSettings", "Guards", "Guard"]
+__all__ = ["Guard", "GuardSettings", "Guards", "Totals"]
 
 
 @dataclass
@@ -46,6 +47,15 @@ class _Entry:
     guard: Guard
 
 
+@dataclass
+class Totals:
+    """Across every guard this process ran (a postmaster that exits keeps its counts)."""
+
+    pressure_events: dict[str, int] = field(default_factory=dict)  # by signal
+    actions: dict[tuple[str, str], int] = field(default_factory=dict)  # (signal, outcome)
+    kernel_oom_events: int = 0
+
+
 class Guards:
     def __init__(
         self,
@@ -55,7 +65,9 @@ class Guards:
     ) -> None:
         self.settings = settings
         self.procfs = procfs or ProcFS()
-        self._report = report
+        self.totals = Totals()
+        # Who else hears of pressure and actions (metrics): name, fields.
+        self.reports: list[Report] = [report] if report is not None else []
         self._epoll = select.epoll()
         self._by_fd: dict[int, tuple[_Entry, Registration]] = {}
         self.entries: dict[int, _Entry] = {}
@@ -92,7 +104,7 @@ class Guards:
             lambda: read_children(procfs, pid),
             lambda p, s, signum: send(procfs, p, s, signum),
             self.settings,
-            self._report,
+            self._on_report,
         )
         guard.last_sample = first
         entry = _Entry(pid, start_ticks, group, source, guard)
@@ -110,6 +122,40 @@ class Guards:
             " (dry run)" if self.settings.dry_run else "",
         )
         return guard
+
+    def on_notice(self, notice: Notice) -> None:
+        """The engine's listener: guard what it protects, forget what exited."""
+        if isinstance(notice, (Adjusted, Kept, Failed)):
+            if isinstance(notice, Adjusted) and notice.method == "drift":
+                return
+            start = getattr(notice, "start", None)
+            if start is None:
+                try:
+                    start = self.procfs.stat(notice.pid).starttime_ticks
+                except (ProcessGone, AccessDenied):
+                    return
+            self.guard(notice.pid, start)
+        elif isinstance(notice, Exited):
+            self.forget(notice.pid)
+
+    def _on_report(self, name: str, fields: dict[str, Any]) -> None:
+        totals = self.totals
+        if name == "guard_pressure":
+            signal = fields["signal"]
+            totals.pressure_events[signal] = totals.pressure_events.get(signal, 0) + 1
+            if signal == "oom":
+                totals.kernel_oom_events += 1
+        elif name == "guard_action":
+            key = (
+                fields["signal"] if fields["outcome"] != "dry_run" else "none",
+                fields["outcome"],
+            )
+            totals.actions[key] = totals.actions.get(key, 0) + 1
+        for report in self.reports:
+            try:
+                report(name, fields)
+            except Exception as err:  # a broken metrics hook must not stop the guard
+                logger.opt(exception=err).warning("guard report listener failed on {}", name)
 
     def forget(self, pid: int) -> None:
         entry = self.entries.pop(pid, None)
