@@ -511,3 +511,36 @@ def test_os_errors_while_sampling_are_not_pressure() -> None:
     fake.guard._sample = broken
     fake.guard.on_pressure("threshold")
     assert fake.sent == []
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+def test_guard_metrics_come_from_the_totals_and_the_reports() -> None:
+    from prometheus_client import generate_latest
+
+    from watcher.guard import Guards
+    from watcher.metrics import Metrics
+
+    guards = Guards(GuardSettings(), ProcFS())
+    metrics = Metrics()
+    metrics.attach_guard(guards)
+    guards._on_report("guard_pressure", {"postmaster": 1, "signal": "threshold"})
+    guards._on_report("guard_pressure", {"postmaster": 1, "signal": "oom"})
+    action = {
+        "signal": "SIGINT",
+        "outcome": "relieved",
+        "event_to_signal_us": 1200,
+        "relief_ms": 5.0,
+    }
+    guards._on_report("guard_action", action)
+    guards._on_report("guard_action", {**action, "outcome": "dry_run", "relief_ms": None})
+    text = generate_latest(metrics.registry).decode()
+    guards.close()
+    assert 'pgoom_guard_pressure_events_total{signal="threshold"} 1.0' in text
+    assert "pgoom_guard_kernel_oom_events_total 1.0" in text
+    assert 'pgoom_guard_actions_total{outcome="relieved",signal="SIGINT"} 1.0' in text
+    assert 'pgoom_guard_actions_total{outcome="dry_run",signal="none"} 1.0' in text
+    assert 'pgoom_guard_relief_seconds_count{signal="SIGINT"} 1.0' in text
+    assert "pgoom_guard_reaction_seconds_count 1.0" in text  # the dry run sent nothing
+    assert 'pgoom_guard_postmasters{state="watching"} 0.0' in text

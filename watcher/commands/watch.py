@@ -113,6 +113,8 @@ def run_watch(
             engine.listeners.append(notifier)
         if metrics is not None:
             metrics.attach(engine)
+            if engine.guards is not None:
+                metrics.attach_guard(engine.guards)
         engine.run()
     except PgoomError as err:
         notifier.failed(str(err))
