@@ -544,3 +544,41 @@ def test_guard_metrics_come_from_the_totals_and_the_reports() -> None:
     assert 'pgoom_guard_relief_seconds_count{signal="SIGINT"} 1.0' in text
     assert "pgoom_guard_reaction_seconds_count 1.0" in text  # the dry run sent nothing
     assert 'pgoom_guard_postmasters{state="watching"} 0.0' in text
+
+
+# --- the state file pgoom status reads ----------------------------------------------------------
+
+
+def test_state_is_published_and_read_back(tmp_path: Path) -> None:
+    from watcher.commands.status import guard_text
+    from watcher.guard.state import read_states, remove_state, write_state
+
+    directory = str(tmp_path / "run")
+    fake = Fake()
+    fake.ws_mib = 280
+    fake.guard.on_pressure("threshold")
+    assert write_state([fake.guard.status()], directory)
+    states = read_states(directory)
+    assert list(states) == [100]
+    text = guard_text(states[100])
+    assert text.startswith("acting, 280/300 MiB, 0 action(s)")
+    remove_state(directory)
+    assert read_states(directory) == {}
+
+
+def test_state_dir_writable_by_others_is_not_used(tmp_path: Path) -> None:
+    from watcher.guard.state import write_state
+
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    assert not write_state([], str(shared))
+    assert list(shared.iterdir()) == []
+
+
+def test_a_dead_writer_s_file_is_ignored(tmp_path: Path) -> None:
+    from watcher.guard.state import read_states
+
+    (tmp_path / "guard-999999999.json").write_text('{"postmasters": [{"postmaster": 5}]}')
+    (tmp_path / "guard-1.json").symlink_to(tmp_path / "guard-999999999.json")  # never followed
+    assert read_states(str(tmp_path)) == {}

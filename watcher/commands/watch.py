@@ -14,6 +14,7 @@ from watcher.discover import discover
 from watcher.engine import Engine
 from watcher.errors import PgoomError
 from watcher.guard import Guards, GuardSettings
+from watcher.guard.state import STATE_DIR
 from watcher.logs import setup_logging
 from watcher.procfs import ProcFS
 from watcher.sources.choose import open_source
@@ -51,6 +52,7 @@ def attach_guard(engine: Engine, options: GuardOptions, procfs: ProcFS) -> Guard
             dry_run=options.dry_run,
         ),
         procfs,
+        state_dir=STATE_DIR,
     )
     engine.listeners.append(guards.on_notice)
     engine.attachments.append(guards)
@@ -115,7 +117,11 @@ def run_watch(
             metrics.attach(engine)
             if engine.guards is not None:
                 metrics.attach_guard(engine.guards)
-        engine.run()
+        try:
+            engine.run()
+        finally:
+            if isinstance(engine.guards, Guards):
+                engine.guards.close()
     except PgoomError as err:
         notifier.failed(str(err))
         raise

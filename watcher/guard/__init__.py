@@ -33,6 +33,7 @@ from watcher.guard.locate import NotVisible, locate
 from watcher.guard.memory import MemoryGroup, MemoryReader
 from watcher.guard.pressure import PressureSource, PressureUnavailable, Registration, open_pressure
 from watcher.guard.signals import send
+from watcher.guard.state import remove_state, write_state
 from watcher.procfs import ProcFS
 
 __all__ = ["Guard", "GuardSettings", "Guards", "Totals"]
@@ -62,6 +63,7 @@ class Guards:
         settings: GuardSettings,
         procfs: Optional[ProcFS] = None,
         report: Optional[Report] = None,
+        state_dir: Optional[str] = None,
     ) -> None:
         self.settings = settings
         self.procfs = procfs or ProcFS()
@@ -71,6 +73,8 @@ class Guards:
         self._epoll = select.epoll()
         self._by_fd: dict[int, tuple[_Entry, Registration]] = {}
         self.entries: dict[int, _Entry] = {}
+        self.state_dir = state_dir
+        self._published: object = None
 
     def fileno(self) -> int:
         return self._epoll.fileno()
@@ -137,6 +141,7 @@ class Guards:
             self.guard(notice.pid, start)
         elif isinstance(notice, Exited):
             self.forget(notice.pid)
+        self.publish()
 
     def _on_report(self, name: str, fields: dict[str, Any]) -> None:
         totals = self.totals
@@ -169,6 +174,16 @@ class Guards:
                 pass
         entry.source.close()
 
+    def publish(self) -> None:
+        """The state file for `pgoom status`, when something it shows has changed."""
+        if self.state_dir is None:
+            return
+        rows = self.status()
+        key = [(r["postmaster"], r["state"], r["actions"], r["kernel_oom_events"]) for r in rows]
+        if key != self._published:
+            self._published = key
+            write_state(rows, self.state_dir)
+
     def on_ready(self) -> None:
         """Dispatch every notification that is ready now."""
         received_ns = time.monotonic_ns()
@@ -179,6 +194,7 @@ class Guards:
             entry, registration = found
             if entry.source.drain(registration):
                 entry.guard.on_pressure(registration.signal, received_ns)
+        self.publish()
 
     def deadline_s(self) -> Optional[float]:
         deadlines = [d for e in self.entries.values() if (d := e.guard.deadline_s()) is not None]
@@ -190,6 +206,7 @@ class Guards:
             deadline = entry.guard.deadline_s()
             if deadline is not None and now_s >= deadline:
                 entry.guard.on_timer()
+        self.publish()
 
     def status(self) -> list[dict[str, Any]]:
         return [entry.guard.status() for entry in self.entries.values()]
@@ -198,3 +215,5 @@ class Guards:
         for pid in list(self.entries):
             self.forget(pid)
         self._epoll.close()
+        if self.state_dir is not None:
+            remove_state(self.state_dir)
