@@ -244,3 +244,27 @@ def test_no_action_at_85_percent_while_the_page_cache_fills_the_rest(
     assert holder.run("select 1;").ok
     holder.close()
     worker.close()
+
+
+def test_host_psi_trigger_registers_on_this_kernel() -> None:
+    """The bare-host source on the real kernel: a PSI trigger on /proc/pressure/memory
+    (the 2 s window when CAP_SYS_RESOURCE is missing, as here), pollable, and quiet while the
+    host is not stalling on memory."""
+    import select
+
+    from watcher.guard.pressure import open_pressure
+
+    if not os.path.exists("/proc/pressure/memory"):
+        pytest.skip("no PSI on this kernel")
+    source = open_pressure(MemoryGroup(0, "/proc"), 0)
+    try:
+        (registration,) = source.registrations
+        assert registration.signal == "psi" and registration.mask == select.EPOLLPRI
+        poller = select.epoll()
+        poller.register(registration.fd, registration.mask)
+        assert poller.poll(0) == []  # armed, nothing to report
+        poller.close()
+    finally:
+        source.close()
+    sample = MemoryReader(MemoryGroup(0, "/proc")).sample()
+    assert sample.limit_bytes and 0 < sample.working_set_bytes < sample.limit_bytes
