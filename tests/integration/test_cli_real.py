@@ -16,7 +16,6 @@ from tests.support.watcher import PGOOM
 pytestmark = pytest.mark.root
 
 
-
 def pgoom(*args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PGOOM_")}
     return subprocess.run(

@@ -17,7 +17,6 @@ from watcher.commands.doctor.checks import FAIL, PASS, WARN
 pytestmark = pytest.mark.root
 
 
-
 def doctor(*args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*prefix, *PGOOM, "doctor", *args],

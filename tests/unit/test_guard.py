@@ -582,3 +582,12 @@ def test_a_dead_writer_s_file_is_ignored(tmp_path: Path) -> None:
     (tmp_path / "guard-999999999.json").write_text('{"postmasters": [{"postmaster": 5}]}')
     (tmp_path / "guard-1.json").symlink_to(tmp_path / "guard-999999999.json")  # never followed
     assert read_states(str(tmp_path)) == {}
+
+
+def test_v1_thresholds_every_percent_up_to_the_limit() -> None:
+    from watcher.guard.pressure import v1_thresholds
+
+    levels = v1_thresholds(270 * MIB, 300 * MIB)
+    assert levels[0] == 270 * MIB and levels[-1] < 300 * MIB
+    assert len(levels) == 10  # 3 MiB apart
+    assert v1_thresholds(100, 0) == [100]

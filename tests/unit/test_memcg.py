@@ -11,9 +11,7 @@ from watcher import memcg
 from watcher.procfs import ProcFS
 
 # Captured on this project's test machine (hybrid: v1 memory, empty unified hierarchy).
-HYBRID_CGROUP = (
-    "9:name=systemd:/\n8:pids:/\n4:memory:/process_api/2cd5c1ac\n3:cpuset:/\n0::/\n"
-)
+HYBRID_CGROUP = "9:name=systemd:/\n8:pids:/\n4:memory:/process_api/2cd5c1ac\n3:cpuset:/\n0::/\n"
 HYBRID_MOUNTINFO = (
     "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n"
     "35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n"

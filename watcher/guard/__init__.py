@@ -96,7 +96,9 @@ class Guards:
             first = reader.sample()
             if first.limit_bytes is None:
                 raise PressureUnavailable(f"{group.name} has no memory limit")
-            source = open_pressure(group, self.settings.threshold_bytes(first.limit_bytes))
+            source = open_pressure(
+                group, self.settings.threshold_bytes(first.limit_bytes), first.limit_bytes
+            )
         except (PressureUnavailable, NotVisible, ProcessGone, AccessDenied, OSError) as err:
             logger.warning("guard: cannot guard postmaster {}: {}", pid, err)
             return None
@@ -125,6 +127,8 @@ class Guards:
             first.limit_bytes / (1 << 20),
             " (dry run)" if self.settings.dry_run else "",
         )
+        # Thresholds crossed before they were registered never fire: look once now.
+        guard.on_pressure("start")
         return guard
 
     def on_notice(self, notice: Notice) -> None:

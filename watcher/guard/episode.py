@@ -51,7 +51,7 @@ class GuardSettings:
     threshold_pct: float = 90.0  # act when the working set reaches this share of the limit
     grace_s: float = 1.0  # how long a signal has to bring the working set below the threshold
     cooldown_s: float = 10.0  # after an episode, pressure is only counted for this long
-    floor_bytes: int = 16 * MIB  # a backend with less private memory is never a victim
+    floor_bytes: int = 8 * MIB  # a backend with less private memory is never a victim
     dry_run: bool = False
     check_interval_s: float = 0.005  # while ACTING only: how often relief is checked
     # Relief is the working set back below the threshold by this share of the limit: a

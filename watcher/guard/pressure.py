@@ -84,12 +84,27 @@ class PressureSource:
         self.registrations = []
 
 
+def v1_thresholds(threshold_bytes: int, limit_bytes: int) -> list[int]:
+    """Usage thresholds from `threshold_bytes` up to the limit, one per 1 % of the limit.
+    One threshold is not enough: when page cache took usage past it (the working set still
+    below), the kernel reports no further crossing while private memory grows under the
+    cache, and reclaim (vmpressure) may start only at the limit, too late. Measured with the
+    OOM harness: one threshold, the first wakeup came at 299 of 300 MiB."""
+    step = max(1 << 20, limit_bytes // 100)
+    return list(range(threshold_bytes, limit_bytes, step)) or [threshold_bytes]
+
+
 class V1Pressure(PressureSource):
-    def __init__(self, directory: str, threshold_bytes: int) -> None:
+    def __init__(self, directory: str, threshold_bytes: int, limit_bytes: int = 0) -> None:
         super().__init__()
-        self.description = f"cgroup v1 threshold {threshold_bytes >> 20} MiB + vmpressure"
+        levels = v1_thresholds(threshold_bytes, limit_bytes or threshold_bytes)
+        self.description = (
+            f"cgroup v1: {len(levels)} usage threshold(s) from {threshold_bytes >> 20} MiB "
+            "+ vmpressure + oom_control"
+        )
         try:
-            self._register(directory, "memory.usage_in_bytes", str(threshold_bytes), "threshold")
+            for level in levels:
+                self._register(directory, "memory.usage_in_bytes", str(level), "threshold")
             # "low" in the default mode also receives medium and critical.
             self._register(directory, "memory.pressure_level", "low", "vmpressure")
             self._register(directory, "memory.oom_control", "", "oom")
@@ -173,9 +188,9 @@ class PsiPressure(PressureSource):
         return 1
 
 
-def open_pressure(group: MemoryGroup, threshold_bytes: int) -> PressureSource:
+def open_pressure(group: MemoryGroup, threshold_bytes: int, limit_bytes: int = 0) -> PressureSource:
     if group.version == 1:
-        return V1Pressure(group.directory, threshold_bytes)
+        return V1Pressure(group.directory, threshold_bytes, limit_bytes)
     if group.version == 2:
         return PsiPressure(f"{group.directory}/memory.pressure", f"{group.directory}/memory.events")
     return PsiPressure(f"{group.directory}/pressure/memory")
