@@ -302,7 +302,8 @@ GUARD_GRACE = Option(
 GUARD_COOLDOWN = Option(
     "--guard-cooldown",
     DEFAULT_GUARD_COOLDOWN_S,
-    "Seconds after an episode in which pressure is only counted: one episode, one query.",
+    "Seconds after an episode without relief in which pressure is only counted: one "
+    "episode, one query.",
     env="PGOOM_GUARD_COOLDOWN",
     key="guard_cooldown",
     kinds=(int, float),

@@ -392,20 +392,35 @@ def test_a_runaway_query_is_cancelled_once_and_relief_is_timed() -> None:
     fake.ws_mib = 190
     fake.advance(0.003)
     fake.tick()
-    assert fake.guard.state == COOLDOWN and fake.guard.deadline_s() is None
+    assert fake.guard.state == WATCHING and fake.guard.deadline_s() is None
     ((_, action),) = [r for r in fake.reports if r[0] == "guard_action"]
     assert action["outcome"] == "relieved"
     assert action["event_to_signal_us"] == 1200
     assert 3 <= action["relief_ms"] <= 20
     assert action["working_set_bytes"] == 275 * MIB and action["limit_bytes"] == 300 * MIB
-    # The v1 threshold fires again on the way down, and again within the cooldown: the
-    # episode cost one query, not two.
-    fake.ws_mib = 280
+    # The v1 threshold fires again on the way down: the working set is read, nothing sent.
     fake.guard.on_pressure("threshold")
     assert fake.sent == [(11, "SIGINT")]
-    fake.advance(11)
+    # A new crossing is a new episode: the next runaway query is cancelled too.
+    fake.ws_mib = 280
+    fake.advance(2.5)
     fake.guard.on_pressure("threshold")
     assert fake.sent == [(11, "SIGINT"), (11, "SIGINT")]
+
+
+def test_after_an_episode_without_relief_the_next_backend_waits_for_the_cooldown() -> None:
+    fake = Fake(grace_s=0.5, cooldown_s=10)
+    fake.ws_mib = 280
+    fake.guard.on_pressure("threshold")
+    fake.advance(0.6)
+    fake.tick()  # SIGTERM
+    fake.advance(0.6)
+    fake.tick()  # no relief: cooldown
+    fake.guard.on_pressure("vmpressure")
+    assert fake.sent == [(11, "SIGINT"), (11, "SIGTERM")]  # not the next backend, and the next
+    fake.advance(10)
+    fake.guard.on_pressure("vmpressure")
+    assert fake.sent[-1] == (11, "SIGINT")
 
 
 def test_a_cancel_that_frees_nothing_escalates_to_terminate_and_never_further() -> None:

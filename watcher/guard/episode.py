@@ -5,7 +5,7 @@ through one, so unit tests drive it with fake samples and a fake clock.
 
 WATCHING  --pressure, working set >= threshold, a victim-->  ACTING (SIGINT sent; SIGTERM
                                                               for an idle session)
-ACTING    --working set < threshold-->                       COOLDOWN (outcome: relieved)
+ACTING    --working set < relief level-->                    WATCHING (outcome: relieved)
 ACTING    --grace over, after SIGINT-->                      ACTING (SIGTERM sent)
 ACTING    --grace over, after SIGTERM-->                     COOLDOWN (outcome: no relief)
 COOLDOWN  --cooldown over, at the next pressure-->           WATCHING
@@ -50,7 +50,7 @@ class GuardSettings:
 
     threshold_pct: float = 90.0  # act when the working set reaches this share of the limit
     grace_s: float = 1.0  # how long a signal has to bring the working set below the threshold
-    cooldown_s: float = 10.0  # after an episode, pressure is only counted for this long
+    cooldown_s: float = 10.0  # after an episode without relief, pressure is only counted
     floor_bytes: int = 8 * MIB  # a backend with less private memory is never a victim
     dry_run: bool = False
     check_interval_s: float = 0.005  # while ACTING only: how often relief is checked
@@ -146,7 +146,13 @@ class Guard:
         if self._relieved(sample):
             assert sample is not None
             self._finish(act, RELIEVED, now_ns, sample)
-            self._cool_down(now_ns)
+            # The episode is over: the next crossing is a new allocation, a new episode
+            # (measured: a cooldown after relief let the next runaway query, 2.5 s later,
+            # reach the kernel's OOM killer). Crossings on the way down read below the
+            # threshold and do nothing.
+            self._act = None
+            self._next_check_s = None
+            self.state = WATCHING
             return
         if now_ns / 1e9 < act.grace_until_s:
             self._next_check_s = now_ns / 1e9 + self.settings.check_interval_s
