@@ -482,6 +482,14 @@ def test_no_client_backend_above_the_floor_means_no_action() -> None:
     assert fake.sent == [] and fake.guard.counters.no_victim == 3
 
 
+def test_a_bystander_that_does_not_explain_the_pressure_is_left_alone() -> None:
+    fake = Fake()
+    fake.children = [child(12, "postgres: b db [local] idle", 25)]  # above the floor, 8 %
+    fake.ws_mib = 295  # the rest is a hog's
+    fake.guard.on_pressure("vmpressure")
+    assert fake.sent == [] and fake.guard.counters.no_victim == 1
+
+
 def test_a_victim_gone_before_the_signal_leads_to_the_next_one() -> None:
     fake = Fake()
     fake.ws_mib = 280

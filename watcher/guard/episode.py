@@ -58,6 +58,11 @@ class GuardSettings:
     # cancel that gives back a few pages of executor memory while the session keeps the
     # rest (local buffers, caches) has not ended the episode.
     relief_margin_pct: float = 5.0
+    # The victim must also hold this share of the limit: the guard stops the query that
+    # explains the pressure, not the largest of many bystanders. Measured with the OOM
+    # harness's non-postgres hog: without it, an idle session of ~12 of 300 MiB was
+    # terminated and the kernel killed the hog anyway.
+    victim_share_pct: float = 10.0
 
     def threshold_bytes(self, limit_bytes: int) -> int:
         return int(limit_bytes * self.threshold_pct / 100.0)
@@ -178,7 +183,11 @@ class Guard:
             # Page cache, or a v1 threshold crossed on the way down: not pressure.
             self._no_victim_logged = False
             return
-        candidate = choose(self._children(), self.settings.floor_bytes)
+        floor = max(
+            self.settings.floor_bytes,
+            int(sample.limit_bytes * self.settings.victim_share_pct / 100.0),
+        )
+        candidate = choose(self._children(), floor)
         if candidate is None:
             self.counters.no_victim += 1
             if not self._no_victim_logged:
@@ -190,7 +199,7 @@ class Guard:
                     sample.working_set_bytes / MIB,
                     sample.limit_bytes / MIB,
                     self.postmaster_pid,
-                    self.settings.floor_bytes / MIB,
+                    floor / MIB,
                 )
             return
         # An idle session's memory is the session's: a cancel would only cost the grace.
