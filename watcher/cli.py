@@ -71,6 +71,18 @@ def watch(
     metrics_address: Annotated[
         str, _option(options.METRICS_ADDRESS)
     ] = options.METRICS_ADDRESS.default,
+    guard: Annotated[bool, _option(options.GUARD)] = False,
+    guard_dry_run: Annotated[bool, _option(options.GUARD_DRY_RUN)] = False,
+    guard_threshold_pct: Annotated[
+        float, _option(options.GUARD_THRESHOLD_PCT)
+    ] = options.GUARD_THRESHOLD_PCT.default,
+    guard_grace: Annotated[float, _option(options.GUARD_GRACE)] = options.GUARD_GRACE.default,
+    guard_cooldown: Annotated[
+        float, _option(options.GUARD_COOLDOWN)
+    ] = options.GUARD_COOLDOWN.default,
+    guard_floor_mb: Annotated[
+        int, _option(options.GUARD_FLOOR_MB)
+    ] = options.GUARD_FLOOR_MB.default,
     config: Annotated[Optional[str], _option(options.CONFIG)] = None,
 ) -> None:
     from watcher.commands.watch import run_watch
@@ -132,6 +144,12 @@ def watch_args(ctx: typer.Context) -> "WatchArgs":
         realtime=p["realtime"],
         group_kill=p["group_kill"],
         metrics_address=p["metrics_address"],
+        guard=p["guard"],
+        guard_dry_run=p["guard_dry_run"],
+        guard_threshold_pct=p["guard_threshold_pct"],
+        guard_grace_s=p["guard_grace"],
+        guard_cooldown_s=p["guard_cooldown"],
+        guard_floor_mb=p["guard_floor_mb"],
         config=p["config"],
         explicit=frozenset(explicit),
     )

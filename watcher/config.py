@@ -14,11 +14,19 @@ from watcher.match import Rule
 from watcher.options import (
     CHILDREN_SCORE,
     DATA_DIR,
+    DEFAULT_GUARD_COOLDOWN_S,
+    DEFAULT_GUARD_FLOOR_MB,
+    DEFAULT_GUARD_GRACE_S,
+    DEFAULT_GUARD_THRESHOLD_PCT,
     DEFAULT_INTERVAL_S,
     DEFAULT_LOG_FILE,
     DEFAULT_RCVBUF_BYTES,
     DEFAULT_VERIFY_INTERVAL_S,
     GROUP_KILL,
+    GUARD_COOLDOWN,
+    GUARD_FLOOR_MB,
+    GUARD_GRACE,
+    GUARD_THRESHOLD_PCT,
     INTERVAL,
     LOG_LEVEL,
     PATTERN,
@@ -53,6 +61,36 @@ class Settings:
     # Server binaries trusted although root does not own their path (watcher.binary).
     trusted_binaries: tuple[str, ...] = ()
     cgroup_root: str = ""  # prefixes the cgroup mount points (unit tests: a fake cgroupfs)
+    guard: Optional[GuardOptions] = None  # None: the guard is off
+
+
+@dataclass(frozen=True)
+class GuardOptions:
+    """`--guard`'s settings, checked (watcher.guard.GuardSettings is built from them)."""
+
+    dry_run: bool = False
+    threshold_pct: float = DEFAULT_GUARD_THRESHOLD_PCT
+    grace_s: float = DEFAULT_GUARD_GRACE_S
+    cooldown_s: float = DEFAULT_GUARD_COOLDOWN_S
+    floor_mb: int = DEFAULT_GUARD_FLOOR_MB
+
+
+def guard_options(
+    guard: bool,
+    dry_run: bool = False,
+    threshold_pct: float = DEFAULT_GUARD_THRESHOLD_PCT,
+    grace_s: float = DEFAULT_GUARD_GRACE_S,
+    cooldown_s: float = DEFAULT_GUARD_COOLDOWN_S,
+    floor_mb: int = DEFAULT_GUARD_FLOOR_MB,
+) -> Optional[GuardOptions]:
+    """The guard's settings, each checked by its declaration; None when it is off."""
+    GUARD_THRESHOLD_PCT.validate(threshold_pct)
+    GUARD_GRACE.validate(grace_s)
+    GUARD_COOLDOWN.validate(cooldown_s)
+    GUARD_FLOOR_MB.validate(floor_mb)
+    if not (guard or dry_run):
+        return None
+    return GuardOptions(dry_run, float(threshold_pct), float(grace_s), float(cooldown_s), floor_mb)
 
 
 def compile_pattern(text: str, where: str = PATTERN.flag) -> re.Pattern[str]:
@@ -110,6 +148,7 @@ def make_settings(
     trusted_binaries: tuple[str, ...] = (),
     group_kill: str = DEFAULT_POLICY.value,
     cgroup_root: str = "",
+    guard: Optional[GuardOptions] = None,
 ) -> Settings:
     """Settings from values already taken from the command line, environment or file,
     each checked by its declaration in watcher.options."""
@@ -140,4 +179,5 @@ def make_settings(
         trusted_binaries=tuple(TRUSTED_BINARY.validate(list(trusted_binaries)) or ()),
         group_kill=policy,
         cgroup_root=cgroup_root,
+        guard=guard,
     )

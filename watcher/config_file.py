@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional, TypeVar, cast
 
-from watcher.config import Settings, check_data_dir, make_settings
+from watcher.config import Settings, check_data_dir, guard_options, make_settings
 from watcher.errors import UsageError
 from watcher.match import Rule
 from watcher.options import (
@@ -34,6 +34,12 @@ from watcher.options import (
     FALLBACK,
     FILE_KEYS,
     GROUP_KILL,
+    GUARD,
+    GUARD_COOLDOWN,
+    GUARD_DRY_RUN,
+    GUARD_FLOOR_MB,
+    GUARD_GRACE,
+    GUARD_THRESHOLD_PCT,
     INTERVAL,
     LOG_FILE,
     LOG_JSON,
@@ -102,6 +108,12 @@ class WatchArgs:
     realtime: bool = False
     group_kill: str = GROUP_KILL.default
     metrics_address: str = ""
+    guard: bool = False
+    guard_dry_run: bool = False
+    guard_threshold_pct: float = GUARD_THRESHOLD_PCT.default
+    guard_grace_s: float = GUARD_GRACE.default
+    guard_cooldown_s: float = GUARD_COOLDOWN.default
+    guard_floor_mb: int = GUARD_FLOOR_MB.default
     config: Optional[str] = None
     explicit: frozenset[str] = frozenset()
 
@@ -329,6 +341,14 @@ def resolve(args: WatchArgs) -> Resolved:
         realtime=pick(REALTIME, args.realtime),
         trusted_binaries=tuple(pick(TRUSTED_BINARY, args.trusted_binaries)),
         group_kill=pick(GROUP_KILL, args.group_kill),
+        guard=guard_options(
+            pick(GUARD, args.guard),
+            pick(GUARD_DRY_RUN, args.guard_dry_run),
+            pick(GUARD_THRESHOLD_PCT, args.guard_threshold_pct),
+            pick(GUARD_GRACE, args.guard_grace_s),
+            pick(GUARD_COOLDOWN, args.guard_cooldown_s),
+            pick(GUARD_FLOOR_MB, args.guard_floor_mb),
+        ),
     )
     if use_file_rules:
         rules = [_to_rule(spec, score, children_score, args.explicit) for spec in file_rules]

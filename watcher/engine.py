@@ -12,7 +12,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Protocol
 
 from loguru import logger
 
@@ -43,6 +43,20 @@ from watcher.policy import Applied, GroupKillPolicy
 from watcher.procfs import ProcFS
 from watcher.sources.base import Event, Examine, Forked, Rescan, Source
 from watcher.untrusted import shown_argv
+
+
+class Attachment(Protocol):
+    """Something else the loop serves besides the source (the guard): one pollable fd, and
+    a deadline (None: no timer, so an idle loop stays at 0 wakeups). The engine knows
+    nothing else about it; what it watches it learns from the listeners' notices."""
+
+    def fileno(self) -> int: ...
+
+    def deadline_s(self) -> Optional[float]: ...
+
+    def on_ready(self) -> None: ...
+
+    def on_timer(self, now_s: float) -> None: ...
 
 
 @dataclass
@@ -110,6 +124,8 @@ class Engine:
         # The outcome log listens like the others (watcher.outcomes); metrics and systemd
         # notification are attached by `pgoom watch`.
         self.listeners: list[Listener] = [OutcomeLog()]
+        self.attachments: list[Attachment] = []
+        self.guards: Optional[object] = None  # `--guard`'s watcher.guard.Guards, for metrics
         self._stop = False
         self._stop_signal: Optional[str] = None
         # SIGHUP: what daemons do (reopen the log, re-read the configuration), supplied by
@@ -139,6 +155,8 @@ class Engine:
         if fd is not None:
             selector.register(fd, selectors.EVENT_READ, "source")
         selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        for attachment in self.attachments:
+            selector.register(attachment.fileno(), selectors.EVENT_READ, attachment)
         event_driven = self.source.timeout_s() is None
         next_verify = time.monotonic() + self.settings.verify_interval_s
         next_children = time.monotonic() + self.settings.interval_s
@@ -152,6 +170,7 @@ class Engine:
                     deadlines.append(next_verify)
                 if self._scan_children():
                     deadlines.append(next_children)
+                deadlines += [d for a in self.attachments if (d := a.deadline_s()) is not None]
                 timeout = max(0.0, min(deadlines) - now) if deadlines else None
                 ready = selector.select(timeout)
                 for key, _ in ready:
@@ -175,6 +194,7 @@ class Engine:
                 if self._scan_children() and now >= next_children:
                     self.adjust_children()
                     next_children = now + self.settings.interval_s
+                self._serve_attachments([key.data for key, _ in ready])
         finally:
             selector.close()
             self.source.close()
@@ -189,6 +209,15 @@ class Engine:
         for data_dir in new.data_dirs:
             self.source.add_data_dir(data_dir)
         self.scan("configuration re-read")  # new rules and scores reach the running ones
+
+    def _serve_attachments(self, ready: list[object]) -> None:
+        for attachment in self.attachments:
+            if attachment in ready:
+                attachment.on_ready()
+            deadline = attachment.deadline_s()
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                attachment.on_timer(now)
 
     def stop(self) -> None:
         self._stop = True

@@ -170,13 +170,64 @@ class EngineCollector(Collector):
         yield raw
 
 
+# The guard: pressure event -> signal measured ~1 ms, signal -> relief ~5 ms; a session
+# that keeps its memory takes the whole grace (1 s by default).
+RELIEF_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class GuardCollector(Collector):
+    """Reads `--guard`'s totals (watcher.guard.Totals) when Prometheus scrapes."""
+
+    def __init__(self) -> None:
+        self.guards: Any = None  # watcher.guard.Guards, set by attach_guard
+
+    def collect(self) -> Iterator[Metric]:
+        guards = self.guards
+        if guards is None:
+            return
+        totals = guards.totals
+        pressure = CounterMetricFamily(
+            "pgoom_guard_pressure_events",
+            "Wakeups of the guard by the kernel's pressure notifications, by signal "
+            "(threshold, vmpressure, oom: cgroup v1; psi, events: cgroup v2 and the host).",
+            labels=["signal"],
+        )
+        for name, count in sorted(totals.pressure_events.items()):
+            pressure.add_metric([name], count)
+        yield pressure
+        actions = CounterMetricFamily(
+            "pgoom_guard_actions",
+            "Signals the guard sent (signal=none: dry run), by outcome (relieved, no_relief, "
+            "gone, denied, dry_run).",
+            labels=["signal", "outcome"],
+        )
+        for (signal_name, outcome), count in sorted(totals.actions.items()):
+            actions.add_metric([signal_name, outcome], count)
+        yield actions
+        ooms = CounterMetricFamily(
+            "pgoom_guard_kernel_oom_events",
+            "Times the kernel's OOM killer ran in a guarded group (cgroup v1 oom_control).",
+        )
+        ooms.add_metric([], totals.kernel_oom_events)
+        yield ooms
+        state = GaugeMetricFamily(
+            "pgoom_guard_postmasters", "Postmasters the guard watches, by state.", labels=["state"]
+        )
+        states = [row["state"] for row in guards.status()]
+        for name in ("watching", "acting", "cooldown"):
+            state.add_metric([name], states.count(name))
+        yield state
+
+
 class Metrics:
     """The registry, the listener that feeds it, and the HTTP server."""
 
     def __init__(self) -> None:
         self.collector = EngineCollector()
+        self.guard_collector = GuardCollector()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)
+        self.registry.register(self.guard_collector)
         self.ready = Gauge(
             "pgoom_ready",
             "1 once pgoom is subscribed and has scanned /proc once.",
@@ -199,6 +250,19 @@ class Metrics:
         self.exits = Counter(
             "pgoom_postmaster_exits",
             "Protected postmasters seen to exit.",
+            registry=self.registry,
+        )
+        self.guard_relief = Histogram(
+            "pgoom_guard_relief_seconds",
+            "From the guard's signal to the working set back below the relief level.",
+            ["signal"],
+            buckets=RELIEF_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.guard_reaction = Histogram(
+            "pgoom_guard_reaction_seconds",
+            "From the pressure notification's wakeup to the guard's signal.",
+            buckets=LATENCY_BUCKETS_S,
             registry=self.registry,
         )
         info = Gauge("pgoom_build_info", "pgoom's version.", ["version"], registry=self.registry)
@@ -243,6 +307,19 @@ class Metrics:
         """Follow `engine`: its notices, and its counters at every scrape."""
         engine.listeners.append(self)
         self.collector.engine = engine
+
+    def attach_guard(self, guards: Any) -> None:
+        """Follow `--guard`'s watcher.guard.Guards: its totals at scrape, each action's
+        timings as it is reported."""
+        self.guard_collector.guards = guards
+        guards.reports.append(self.on_guard_report)
+
+    def on_guard_report(self, name: str, fields: dict[str, Any]) -> None:
+        if name != "guard_action" or fields.get("outcome") == "dry_run":
+            return
+        self.guard_reaction.observe(fields["event_to_signal_us"] / 1e6)
+        if fields.get("relief_ms") is not None:
+            self.guard_relief.labels(fields["signal"]).observe(fields["relief_ms"] / 1000)
 
 
 def start(address: str) -> Metrics:

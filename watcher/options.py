@@ -40,6 +40,12 @@ DEFAULT_VERIFY_INTERVAL_S = 60.0
 # 32 MiB: measured to lose no event in a 100k-event storm with the watcher at nice 19.
 DEFAULT_RCVBUF_BYTES = 32 * 1024 * 1024
 DEFAULT_VERIFY_TIMEOUT_S = 10.0
+# The guard's defaults (docs/guard.md, Tuning): 90 % of a 300 MiB limit leaves ~170 ms at
+# the harness's ~175 MB/s; a cancelled query gave its memory back within ~5 ms here.
+DEFAULT_GUARD_THRESHOLD_PCT = 90.0
+DEFAULT_GUARD_GRACE_S = 1.0
+DEFAULT_GUARD_COOLDOWN_S = 10.0
+DEFAULT_GUARD_FLOOR_MB = 8
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,14 @@ def _one_of(choices: tuple[str, ...], fold: Callable[[str], str]) -> Callable[[s
         return f"{value!r} is unknown: use one of {', '.join(choices)}"
 
     return check
+
+
+def _percent(value: float) -> str:
+    return "" if 50 <= value < 100 else f"{_shown(value)} must be from 50 to below 100 (percent)"
+
+
+def _mebibytes(value: int) -> str:
+    return "" if value >= 0 else f"{value} must be 0 or more MiB"
 
 
 def _regex(value: str) -> str:
@@ -308,6 +322,61 @@ METRICS_ADDRESS = Option(
     kinds=(str,),
     check=_address,
 )
+GUARD = Option(
+    "--guard",
+    False,
+    "Cancel the query of the client backend with the most private memory (SIGINT, then "
+    "SIGTERM; never SIGKILL) when a protected postmaster's memory nears its limit "
+    "(docs/guard.md).",
+    env="PGOOM_GUARD",
+    key="guard",
+    kinds=(bool,),
+)
+GUARD_DRY_RUN = Option(
+    "--guard-dry-run",
+    False,
+    "Guard, but only log what it would signal (implies --guard).",
+    env="PGOOM_GUARD_DRY_RUN",
+    key="guard_dry_run",
+    kinds=(bool,),
+)
+GUARD_THRESHOLD_PCT = Option(
+    "--guard-threshold-pct",
+    DEFAULT_GUARD_THRESHOLD_PCT,
+    "The guard acts when the working set reaches this percentage of the memory limit.",
+    env="PGOOM_GUARD_THRESHOLD_PCT",
+    key="guard_threshold_pct",
+    kinds=(int, float),
+    check=_percent,
+)
+GUARD_GRACE = Option(
+    "--guard-grace",
+    DEFAULT_GUARD_GRACE_S,
+    "Seconds a SIGINT has to bring relief before SIGTERM (and SIGTERM before the guard gives up).",
+    env="PGOOM_GUARD_GRACE",
+    key="guard_grace",
+    kinds=(int, float),
+    check=_positive_seconds,
+)
+GUARD_COOLDOWN = Option(
+    "--guard-cooldown",
+    DEFAULT_GUARD_COOLDOWN_S,
+    "Seconds after an episode without relief in which pressure is only counted: one "
+    "episode, one query.",
+    env="PGOOM_GUARD_COOLDOWN",
+    key="guard_cooldown",
+    kinds=(int, float),
+    check=_not_negative_seconds,
+)
+GUARD_FLOOR_MB = Option(
+    "--guard-floor-mb",
+    DEFAULT_GUARD_FLOOR_MB,
+    "A backend with less private memory (MiB) is never chosen.",
+    env="PGOOM_GUARD_FLOOR_MB",
+    key="guard_floor_mb",
+    kinds=(int,),
+    check=_mebibytes,
+)
 CONFIG: Option[Optional[str]] = Option(
     "--config",
     None,
@@ -343,6 +412,12 @@ WATCH: tuple[Option[Any], ...] = (
     REALTIME,
     GROUP_KILL,
     METRICS_ADDRESS,
+    GUARD,
+    GUARD_DRY_RUN,
+    GUARD_THRESHOLD_PCT,
+    GUARD_GRACE,
+    GUARD_COOLDOWN,
+    GUARD_FLOOR_MB,
     CONFIG,
 )
 # The config file's top-level keys, and the keys of a [[rule]] table.

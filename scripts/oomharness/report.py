@@ -10,11 +10,16 @@ from dataclasses import asdict
 from typing import Optional
 
 from scripts.oomharness.scenarios import (
+    BIG_QUERY,
+    GUARDED,
+    HOG,
     MANY_BACKENDS,
     PROTECTED,
     UNPROTECTED,
+    WATCHED,
     Config,
     Group,
+    RunResult,
     StormCycle,
 )
 
@@ -60,21 +65,51 @@ def _rows_lost(group: Group) -> str:
     return str(lost[-1])
 
 
+def _sessions_lost(group: Group) -> str:
+    counted = [r for r in group.runs if r.sessions_lost is not None]
+    if not counted:
+        return "-"
+    lost = [r.sessions_lost or 0 for r in counted]
+    opened = [r.sessions_open for r in counted]
+    if len(counted) == 1:
+        return f"{lost[0]}/{opened[0]}"
+    return f"max {max(lost)} of {max(opened)} (total {sum(lost)}/{sum(opened)})"
+
+
+def _crash_restarts(group: Group) -> str:
+    counted = [r.crash_restarts for r in group.runs if r.crash_restarts is not None]
+    if not counted:
+        return "-"
+    restarted = sum(1 for n in counted if n)
+    return f"{sum(counted)} (in {restarted}/{len(counted)} runs)"
+
+
+def _guard(group: Group) -> str:
+    if group.mode != GUARDED or not group.runs:
+        return "-"
+    first = sum(1 for r in group.runs if r.guard_first)
+    signals = Counter(a.split(" ", 1)[0] for r in group.runs for a in r.guard_actions)
+    sent = ", ".join(f"{sig} x{n}" for sig, n in sorted(signals.items())) or "no action"
+    return f"acted first {first}/{len(group.runs)}; {sent}"
+
+
 def markdown(
     groups: list[Group], storm: Optional[tuple[Group, list[StormCycle]]], header: str
 ) -> str:
     lines = [
         header,
         "",
-        "| scenario | mode | runs | postmaster survived | victims | rows lost | recovery time |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| scenario | mode | runs | postmaster survived | victims | rows lost | recovery time "
+        "| sessions lost | crash restarts | guard |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for group in groups:
         survived = sum(1 for r in group.runs if r.postmaster_survived)
         lines.append(
             f"| {group.scenario} | {group.mode} | {len(group.runs)} | "
             f"{survived}/{len(group.runs)} | {_victims(group)} | {_rows_lost(group)} | "
-            f"{_recovery(group)} |"
+            f"{_recovery(group)} | {_sessions_lost(group)} | {_crash_restarts(group)} | "
+            f"{_guard(group)} |"
         )
     if storm is not None:
         group, cycles = storm
@@ -84,7 +119,8 @@ def markdown(
         lines.append(
             f"| restart storm | {PROTECTED} | {len(cycles)} cycles | "
             f"{protected}/{len(cycles)} new postmasters protected | - | - | worst protection "
-            f"latency {worst_us} µs (pgoom: exec → written); {worst_seen:.1f} ms seen unprotected |"
+            f"latency {worst_us} µs (pgoom: exec → written); {worst_seen:.1f} ms seen unprotected "
+            "| - | - | - |"
         )
     return "\n".join(lines) + "\n"
 
@@ -166,16 +202,20 @@ def verdict(
         failures += [f"{name}: {p}" for p in group.problems]
         for run in group.runs:
             tag = f"{name} #{run.index}"
-            if run.oom_kills == 0:
+            if group.mode == GUARDED:
+                failures += _guarded_failures(tag, run)
+            elif run.oom_kills == 0:
                 failures.append(f"{tag}: no OOM kill happened (nothing was tested)")
             if run.rows_lost is None:
                 failures.append(f"{tag}: committed rows not counted")
             elif run.rows_lost != 0:
                 failures.append(f"{tag}: {run.rows_lost} committed rows lost")
-            if group.mode == PROTECTED:
+            if group.mode in WATCHED:
                 if not run.postmaster_survived:
                     failures.append(f"{tag}: the postmaster was killed")
-                elif run.recovery_s is None or run.recovery_s > config.recovery_limit_s:
+                elif run.oom_kills and (
+                    run.recovery_s is None or run.recovery_s > config.recovery_limit_s
+                ):
                     failures.append(
                         f"{tag}: connections not accepted within {config.recovery_limit_s} s "
                         f"(took {run.recovery_s})"
@@ -188,7 +228,7 @@ def verdict(
                         f"{tag}: another process lowered the unprotected postmaster's score "
                         f"{run.baseline_resets}x (another pgoom on this host?); put back"
                     )
-        if group.mode == PROTECTED and any(code != 0 for code in group.verify_codes):
+        if group.mode in WATCHED and any(code != 0 for code in group.verify_codes):
             failures.append(f"{name}: pgoom verify exit codes {group.verify_codes}")
         if (
             group.mode == UNPROTECTED
@@ -209,6 +249,28 @@ def verdict(
             if not c.protected
         ]
     return failures, warnings
+
+
+def _guarded_failures(tag: str, run: RunResult) -> list[str]:
+    """The guard's goal: a runaway backend is stopped before the kernel kills anything (0
+    crash restarts, at most its own session lost); a hog that is not PostgreSQL is left to
+    the kernel."""
+    failures = []
+    if run.scenario in (BIG_QUERY, MANY_BACKENDS):
+        if run.crash_restarts:
+            failures.append(f"{tag}: {run.crash_restarts} crash restart(s) with the guard on")
+        if run.oom_kills:
+            failures.append(f"{tag}: the kernel killed {run.oom_kills} process(es) first")
+        if not run.guard_actions:
+            failures.append(f"{tag}: the guard did nothing")
+        if run.sessions_lost is None or run.sessions_lost > 1:
+            failures.append(f"{tag}: {run.sessions_lost} sessions lost (at most 1 allowed)")
+    elif run.scenario == HOG:
+        if run.guard_actions:
+            failures.append(f"{tag}: the guard acted on a hog that is not PostgreSQL")
+        if run.oom_kills == 0:
+            failures.append(f"{tag}: no OOM kill happened (nothing was tested)")
+    return failures
 
 
 def to_json(

@@ -31,6 +31,14 @@ HOG = "non-postgres-hog"
 SCENARIOS = (MANY_BACKENDS, BIG_QUERY, HOG)
 UNPROTECTED = "unprotected"
 PROTECTED = "protected"
+GUARDED = "guarded"  # protected, and `pgoom watch --guard`
+WATCHED = (PROTECTED, GUARDED)  # the modes with a pgoom watch running
+
+# PostgreSQL's line when a child died by a signal and it resets every session.
+CRASH_RESTART = "all server processes terminated; reinitializing"
+_GUARD_LINE = re.compile(
+    r"guard: sent (SIG\w+) to client backend pid=(\d+) .*?event_to_signal_us=\d+: ([^\n]*)"
+)
 
 # Tens of millions of rows streamed through a targetlist SRF (a FROM-clause function scan
 # would first materialize them in a tuplestore on disk): array_agg's state doubles until
@@ -65,6 +73,8 @@ class Config:
     protect_timeout_s: float = 10.0
     recovery_timeout_s: float = 30.0
     group_kill: str = "auto"  # pgoom watch --group-kill
+    bystanders: int = 2  # idle sessions opened before every incident, checked after it
+    guard_timeout_s: float = 10.0  # guarded: how long to wait for the guard or the kernel
 
 
 @dataclass
@@ -99,6 +109,11 @@ class RunResult:
     notes: list[str] = field(default_factory=list)
     view: str = "the harness's last look at /proc before the OOM"
     oom_group_after: Optional[str] = None  # memory.oom.group after the run (v2): ungroup's work
+    sessions_open: int = 0  # connections open before the incident (bystanders included)
+    sessions_lost: Optional[int] = None  # of those, broken after it
+    crash_restarts: Optional[int] = None  # PostgreSQL's "reinitializing" lines in this run
+    guard_actions: list[str] = field(default_factory=list)  # "SIGINT relieved in 4.1 ms", ...
+    guard_first: Optional[bool] = None  # guarded: the guard acted and the kernel killed nothing
 
     @property
     def rows_lost(self) -> Optional[int]:
@@ -202,7 +217,7 @@ class Harness:
         self.live_clusters.append(cluster)
         watcher: Optional[Watcher] = None
         try:
-            if mode == PROTECTED:
+            if mode in WATCHED:
                 # A real `pgoom watch`, outside the cgroup, naming only this cluster.
                 # The --data-dir rule makes every postgres process a candidate, so pgoom's
                 # fallback (any postmaster, when no pattern matches) never triggers and
@@ -216,6 +231,7 @@ class Harness:
                     cluster.pattern,
                     "--data-dir",
                     cluster.data_dir,
+                    *(["--guard"] if mode == GUARDED else []),
                 )
                 self.live_watchers.append(watcher)
                 watcher.wait_ready(30)
@@ -237,7 +253,7 @@ class Harness:
         launched = time.monotonic()
         cluster.start(wait=False)
         pm = cluster.postmaster_pid()
-        if group.mode == PROTECTED:
+        if group.mode in WATCHED:
             protected_at = self._wait_protected(pm)
             if protected_at is None:
                 group.problems.append(
@@ -246,7 +262,7 @@ class Harness:
             else:
                 group.start_protect_ms.append((protected_at - launched) * 1000)
         cluster.wait_ready(60)
-        group.verify_codes.append(self.verify(cluster, 10 if group.mode == PROTECTED else 0))
+        group.verify_codes.append(self.verify(cluster, 10 if group.mode in WATCHED else 0))
 
     def _wait_protected(self, pm: int) -> Optional[float]:
         try:
@@ -433,12 +449,12 @@ class Harness:
     def run_group(self, scenario: str, mode: str, runs: int) -> Group:
         group = Group(scenario, mode)
         try:
-            with self.cluster(mode, group) as (cluster, _watcher):
+            with self.cluster(mode, group) as (cluster, watcher):
                 total = 0
                 for index in range(1, runs + 1):
                     run = RunResult(scenario, mode, index)
                     total = self.write_rows(cluster, run, total)
-                    self.one_run(cluster, run, group)
+                    self.one_run(cluster, run, group, watcher)
                     self.count_rows(cluster, run)
                     group.runs.append(run)
                     self.log(describe(run))
@@ -447,20 +463,43 @@ class Harness:
             self.log(f"{scenario}/{mode}: aborted: {err}")
         return group
 
-    def one_run(self, cluster: HarnessCluster, run: RunResult, group: Group) -> None:
+    def one_run(
+        self,
+        cluster: HarnessCluster,
+        run: RunResult,
+        group: Group,
+        watcher: Optional[Watcher] = None,
+    ) -> None:
         pm = cluster.postmaster_pid()
         self.kernel.read()  # drop older records: only this run's lines are parsed
+        log_offset = _size(cluster.log_path)
+        guard_offset = len(watcher.text()) if watcher is not None else 0
+        guarded = run.mode == GUARDED and watcher is not None
+
+        def guard_acted() -> bool:
+            return (
+                guarded and watcher is not None and "guard: sent" in watcher.text()[guard_offset:]
+            )
+
         monitor = OomMonitor(self.cgroup)
+        # Sessions that do nothing but exist: what every other client of the database is.
+        bystanders = [Session(cluster) for _ in range(self.config.bystanders)]
+        for bystander in bystanders:
+            bystander.run("select 1;", 30)
         sessions: list[Session] = []
         hog: Optional[subprocess.Popen[bytes]] = None
         snap = self.snapshot(pm)
         try:
             if run.scenario == MANY_BACKENDS:
-                snap = self._fill(cluster, run, pm, monitor, sessions, self.config.max_sessions)
+                snap = self._fill(
+                    cluster, run, pm, monitor, sessions, self.config.max_sessions, stop=guard_acted
+                )
             elif run.scenario == BIG_QUERY:
                 self._keep_baseline_score(run, pm)
                 session = Session(cluster)
                 sessions.append(session)
+                session.run("select 1;", 30)
+                run.sessions_open = len(bystanders) + len(sessions)
                 done = session.run(BIG_QUERY_SQL.format(rows=self.config.big_query_rows), 180)
                 if done.ok:
                     run.problems.append(f"the big query finished without an OOM: {done.lines}")
@@ -476,19 +515,44 @@ class Harness:
                         hog.wait(timeout=120)
                     except subprocess.TimeoutExpired:
                         run.problems.append("the hog ran for 120 s without an OOM")
+            if run.scenario != BIG_QUERY:
+                run.sessions_open = len(bystanders) + len(sessions)
             self.record(run, snap)
-            if monitor.kills == 0:
+            if guarded:
+                wait_for(
+                    lambda: monitor.kills > 0 or guard_acted(),
+                    self.config.guard_timeout_s,
+                    0.01,
+                    what="the guard or the kernel",
+                )
+                assert watcher is not None
+                self._wait_guard_done(watcher, guard_offset)
+            if monitor.kills == 0 and not guarded:
                 wait_for(lambda: monitor.kills > 0, 5, 0.01, what="an OOM kill")
-            self.recover(cluster, run, pm, monitor, group)
+            if monitor.kills:
+                self.recover(cluster, run, pm, monitor, group)
+            else:
+                run.postmaster_survived = alive(pm)
             run.oom_group_after = self._oom_group()
             self.collect_kills(
                 run, monitor, {**snap, **({hog.pid: ("hog", 0, 0.0)} if hog else {})}
             )
+            if guarded:
+                assert watcher is not None
+                run.guard_actions = guard_actions(watcher.text()[guard_offset:])
+                run.guard_first = bool(run.guard_actions) and run.oom_kills == 0
+            # Which connections opened before the incident still work? A session whose
+            # backend was terminated (or reset by a crash restart) has lost its psql: a
+            # non-interactive psql exits when its connection breaks.
+            run.sessions_lost = sum(
+                1 for s in bystanders + sessions if not s.run("select 1;", 15).ok
+            )
+            run.crash_restarts = _read_from(cluster.log_path, log_offset).count(CRASH_RESTART)
         except TimeoutError as err:
             run.problems.append(str(err))
         finally:
             monitor.stop()
-            for session in sessions:
+            for session in bystanders + sessions:
                 session.close()
             if hog is not None and hog.poll() is None:
                 hog.kill()
@@ -501,6 +565,19 @@ class Harness:
         except OSError:
             return None  # v1, or a kernel without it
 
+    def _wait_guard_done(self, watcher: Watcher, offset: int) -> None:
+        """Until the guard's last action has its outcome: a SIGINT without relief is
+        followed by a SIGTERM line after the grace."""
+
+        def done() -> bool:
+            actions = guard_actions(watcher.text()[offset:])
+            return not actions or not actions[-1].startswith("SIGINT no relief")
+
+        try:
+            wait_for(done, self.config.guard_timeout_s, 0.01, what="the guard's escalation")
+        except TimeoutError:
+            pass
+
     def _fill(
         self,
         cluster: HarnessCluster,
@@ -510,6 +587,7 @@ class Harness:
         sessions: list[Session],
         limit: int,
         push: bool = True,
+        stop: Callable[[], bool] = lambda: False,
     ) -> dict[int, tuple[str, int, float]]:
         """Open sessions one by one, each growing its backend in small steps to hold_mb: no
         single backend ever outgrows the postmaster, so when the last step pushes the group
@@ -531,14 +609,14 @@ class Harness:
                 f"from generate_series(1, {hold_mb * 8}) i;",
                 60,
             )
-            if monitor.kills or not done.ok:
+            if monitor.kills or not done.ok or stop():
                 break
             self._keep_baseline_score(run, pm)
             run.sessions_before_oom = len(sessions)
             run.usage_mb_before = round(self.cgroup.usage_bytes() / 2**20, 1)
             snap = self.snapshot(pm)
         else:
-            if push and sessions:
+            if push and sessions and not stop():
                 # All sessions fit (a small postmaster forces a small hold): one more,
                 # unbounded allocation. Its backend becomes the largest process.
                 run.notes.append(f"{limit} sessions fit: pushed with one large allocation")
@@ -695,6 +773,27 @@ class PidfilePoller:
         self._thread.join(timeout=5)
 
 
+def guard_actions(log_text: str) -> list[str]:
+    """The guard's actions in a pgoom log, as 'SIGINT relieved in 4.1 ms'."""
+    return [f"{m.group(1)} {m.group(3)}" for m in _GUARD_LINE.finditer(log_text)]
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _read_from(path: str, offset: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
 def _tail(path: str, lines: int) -> str:
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -736,7 +835,10 @@ def describe(run: RunResult) -> str:
     return (
         f"{run.scenario}/{run.mode} #{run.index}: kills {run.oom_kills}, victims {victims}, "
         f"postmaster {'survived' if run.postmaster_survived else 'KILLED'}, "
-        f"recovery {recovery}, rows lost {run.rows_lost}"
+        f"recovery {recovery}, rows lost {run.rows_lost}, "
+        f"sessions lost {run.sessions_lost}/{run.sessions_open}, "
+        f"crash restarts {run.crash_restarts}"
+        + (f", guard: {'; '.join(run.guard_actions) or 'nothing'}" if run.mode == GUARDED else "")
         + (f", refused: {run.refused}" if run.refused else "")
         + (
             f", postmaster adj at OOM {run.postmaster_adj_at_oom}"

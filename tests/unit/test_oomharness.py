@@ -17,6 +17,7 @@ import pytest
 from scripts.oomharness import cgroup, kmsg, report
 from scripts.oomharness.scenarios import (
     BIG_QUERY,
+    GUARDED,
     HOG,
     MANY_BACKENDS,
     PROTECTED,
@@ -28,6 +29,7 @@ from scripts.oomharness.scenarios import (
     Victim,
     describe,
     failure_text,
+    guard_actions,
     watcher_latency_us,
 )
 
@@ -466,18 +468,20 @@ def test_markdown_table_matches_the_captured_report() -> None:
     lines = text.splitlines()
     assert lines[0] == "OOM harness, short mode"
     assert lines[2] == (
-        "| scenario | mode | runs | postmaster survived | victims | rows lost | recovery time |"
+        "| scenario | mode | runs | postmaster survived | victims | rows lost | recovery time "
+        "| sessions lost | crash restarts | guard |"
     )
     assert lines[4:] == [
         "| many-backends | unprotected | 1 | 0/1 | postmaster (postgres, adj 1000) x1, "
         "backend (postgres, adj 1000) x2 | 0 | 1x never: connections refused until restarted "
-        f"by hand (`{REFUSED}`) |",
+        f"by hand (`{REFUSED}`) | - | - | - |",
         "| many-backends | protected | 2 | 2/2 | backend (postgres, adj 1000) x2 | 0 | "
-        "median 0.08 s, max 0.08 s |",
+        "median 0.08 s, max 0.08 s | - | - | - |",
         "| non-postgres-hog | protected | 2 | 2/2 | hog (python3, adj 1000) x2 | 0 | "
-        "median 0.06 s, max 0.07 s |",
+        "median 0.06 s, max 0.07 s | - | - | - |",
         "| restart storm | protected | 3 cycles | 3/3 new postmasters protected | - | - | "
-        "worst protection latency 3450 µs (pgoom: exec → written); 0.1 ms seen unprotected |",
+        "worst protection latency 3450 µs (pgoom: exec → written); 0.1 ms seen unprotected "
+        "| - | - | - |",
     ]
     assert text.endswith("\n")
 
@@ -500,7 +504,7 @@ def test_markdown_without_storm_or_runs() -> None:
     lines = report.markdown([empty], None, "h").splitlines()
     assert len(lines) == 5
     # No run counted anything: no figure rather than a reassuring 0.
-    assert lines[-1] == "| big-query | protected | 0 | 0/0 | none | - | - |"
+    assert lines[-1] == "| big-query | protected | 0 | 0/0 | none | - | - | - | - | - |"
 
 
 def test_details_quote_evidence_and_problems() -> None:
@@ -778,3 +782,66 @@ def test_describe_a_killed_postmaster() -> None:
     assert "postmaster KILLED, recovery -, rows lost 0" in text
     assert f"refused: {REFUSED}" in text
     assert text.endswith("postmaster adj at OOM 1000")
+
+
+def test_sessions_lost_crash_restarts_and_the_guard_columns() -> None:
+    unguarded = Group(BIG_QUERY, PROTECTED)
+    unguarded.runs = [
+        RunResult(
+            BIG_QUERY, PROTECTED, i, oom_kills=1, sessions_open=3, sessions_lost=3, crash_restarts=1
+        )
+        for i in (1, 2)
+    ]
+    guarded = Group(BIG_QUERY, GUARDED)
+    guarded.runs = [
+        RunResult(
+            BIG_QUERY,
+            GUARDED,
+            1,
+            sessions_open=3,
+            sessions_lost=0,
+            crash_restarts=0,
+            guard_actions=["SIGINT relieved in 4.1 ms"],
+            guard_first=True,
+            postmaster_survived=True,
+            rows_expected=10,
+            rows_counted=10,
+        ),
+        RunResult(
+            BIG_QUERY,
+            GUARDED,
+            2,
+            sessions_open=3,
+            sessions_lost=1,
+            crash_restarts=0,
+            guard_actions=["SIGINT no relief within 1 s", "SIGTERM relieved in 2.0 ms"],
+            guard_first=True,
+            postmaster_survived=True,
+            rows_expected=20,
+            rows_counted=20,
+        ),
+    ]
+    rows = report.markdown([unguarded, guarded], None, "h").splitlines()[-2:]
+    assert rows[0].endswith("| max 3 of 3 (total 6/6) | 2 (in 2/2 runs) | - |")
+    assert rows[1].endswith(
+        "| max 1 of 3 (total 1/6) | 0 (in 0/2 runs) | acted first 2/2; SIGINT x2, SIGTERM x1 |"
+    )
+    failures, _ = report.verdict([guarded], None, Config())
+    assert failures == []
+    guarded.runs[1].crash_restarts = 1
+    guarded.runs[1].sessions_lost = 3
+    failures, _ = report.verdict([guarded], None, Config())
+    assert any("crash restart" in f for f in failures)
+    assert any("3 sessions lost" in f for f in failures)
+
+
+def test_guard_lines_are_read_from_the_watcher_log() -> None:
+    log = (
+        'x | WARNING | guard: sent SIGINT to client backend pid=12 title="postgres: main: a b '
+        '[local] SELECT" private_mib=250.0 working_set_mib=271.0 limit_mib=300.0 postmaster=1 '
+        "group=/g event_to_signal_us=900: no relief within 1 s\n"
+        'x | INFO | guard: sent SIGTERM to client backend pid=12 title="t: u" private_mib=1 '
+        "working_set_mib=1 limit_mib=1 postmaster=1 group=/g event_to_signal_us=5: relieved "
+        "in 3.0 ms\n"
+    )
+    assert guard_actions(log) == ["SIGINT no relief within 1 s", "SIGTERM relieved in 3.0 ms"]

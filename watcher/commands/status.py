@@ -9,6 +9,7 @@ from typing import Any, Optional
 from watcher.config import build_rules
 from watcher.discover import PATTERN, Finding, discover
 from watcher.errors import AccessDenied, ProcessGone
+from watcher.guard.state import STATE_DIR, read_states
 from watcher.match import ProcInfo, Rule, role_of, validate_score
 from watcher.memcg import CgroupView
 from watcher.policy import describe, mib, short, survives_text
@@ -31,9 +32,30 @@ class Row:
     cgroup: Optional[dict[str, Any]] = None
     survives_group_kill: Optional[bool] = None
     cgroup_text: str = ""
+    guard: Optional[str] = None  # postmasters a `pgoom watch --guard` guards: its state
 
 
-def snapshot(patterns: list[str], score: int, procfs: Optional[ProcFS] = None) -> list[Row]:
+def guard_text(state: dict[str, Any]) -> str:
+    """One cell for a guarded postmaster: state, working set of limit, actions so far."""
+    text = str(state.get("state", "?"))
+    if state.get("dry_run"):
+        text += " (dry run)"
+    ws, limit = state.get("working_set_bytes"), state.get("limit_bytes")
+    if isinstance(ws, int) and isinstance(limit, int) and limit:
+        text += f", {ws >> 20}/{limit >> 20} MiB"
+    text += f", {state.get('actions', 0)} action(s)"
+    last = state.get("last_action")
+    if isinstance(last, dict):
+        text += f", last {last.get('signal')} pid {last.get('pid')} {last.get('outcome')}"
+    return text
+
+
+def snapshot(
+    patterns: list[str],
+    score: int,
+    procfs: Optional[ProcFS] = None,
+    guard_dir: str = STATE_DIR,
+) -> list[Row]:
     """Every postgres process. Every verified postmaster is listed as one; without
     --pattern each is judged against `score`, with it only those a pattern covers (the
     others say so). The fallbacks (the parent of other postgres processes, else the only
@@ -59,6 +81,7 @@ def snapshot(patterns: list[str], score: int, procfs: Optional[ProcFS] = None) -
         if info.is_postgres or pid in postmasters:
             infos.append(info)
     view = CgroupView(procfs)
+    guarded = read_states(guard_dir)
     rows = []
     for info in sorted(infos, key=lambda i: (i.ppid not in postmasters, i.pid)):
         finding = postmasters.get(info.pid)
@@ -99,6 +122,7 @@ def snapshot(patterns: list[str], score: int, procfs: Optional[ProcFS] = None) -
                 cgroup=cgroup.get("cgroup"),
                 survives_group_kill=cgroup.get("survives_group_kill"),
                 cgroup_text=cgroup.get("cgroup_text", ""),
+                guard=guard_text(guarded[info.pid]) if is_pm and info.pid in guarded else None,
             )
         )
     return rows
@@ -120,21 +144,10 @@ def render(rows: list[Row], as_json: bool) -> str:
         return json.dumps(docs, indent=2)
     if not rows:
         return "no postgres processes"
-    header = (
-        "PID",
-        "PPID",
-        "ROLE",
-        "DATA DIR",
-        "ADJ",
-        "SCORE",
-        "RSS MiB",
-        "CGROUP",
-        "LIMIT MiB",
-        "USAGE MiB",
-        "GROUP KILL",
-        "PROTECTED",
-    )
-    table = [header] + [
+    header: tuple[str, ...] = ("PID", "PPID", "ROLE", "DATA DIR", "ADJ", "SCORE", "RSS MiB")
+    header += ("CGROUP", "LIMIT MiB", "USAGE MiB", "GROUP KILL", "PROTECTED")
+    table: list[tuple[str, ...]] = [header]
+    table += [
         (
             str(r.pid),
             str(r.ppid),
@@ -151,7 +164,11 @@ def render(rows: list[Row], as_json: bool) -> str:
         )
         for r in rows
     ]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    if any(r.guard is not None for r in rows):
+        table = [(*table[0], "GUARD")] + [
+            (*line, r.guard or "") for line, r in zip(table[1:], rows)
+        ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table)
 
 

@@ -10,10 +10,12 @@ from typing import Optional
 from loguru import logger
 
 from watcher import sdnotify
-from watcher.config import Settings
+from watcher.config import GuardOptions, Settings
 from watcher.discover import discover
 from watcher.engine import Engine
 from watcher.errors import PgoomError
+from watcher.guard import Guards, GuardSettings
+from watcher.guard.state import STATE_DIR
 from watcher.logs import SafeFileSink, setup_logging
 from watcher.procfs import ProcFS
 from watcher.sources.choose import open_source
@@ -33,7 +35,38 @@ def discover_data_dirs(settings: Settings, procfs: ProcFS) -> list[str]:
 def build_engine(settings: Settings) -> Engine:
     procfs = ProcFS(settings.proc_root)
     source = open_source(settings, lambda: discover_data_dirs(settings, procfs))
-    return Engine(settings, source, procfs)
+    engine = Engine(settings, source, procfs)
+    if settings.guard is not None:
+        attach_guard(engine, settings.guard, procfs)
+    return engine
+
+
+def attach_guard(engine: Engine, options: GuardOptions, procfs: ProcFS) -> Guards:
+    """--guard: the guard hears of every protected postmaster through the engine's notices
+    and shares the engine's loop through one fd (watcher.guard)."""
+    guards = Guards(
+        GuardSettings(
+            threshold_pct=options.threshold_pct,
+            grace_s=options.grace_s,
+            cooldown_s=options.cooldown_s,
+            floor_bytes=options.floor_mb << 20,
+            dry_run=options.dry_run,
+        ),
+        procfs,
+        state_dir=STATE_DIR,
+    )
+    engine.listeners.append(guards.on_notice)
+    engine.attachments.append(guards)
+    engine.guards = guards
+    logger.info(
+        "guard on{}: acts at {:g}% of a memory limit, grace {:g} s, cooldown {:g} s, floor {} MiB",
+        " (dry run)" if options.dry_run else "",
+        options.threshold_pct,
+        options.grace_s,
+        options.cooldown_s,
+        options.floor_mb,
+    )
+    return guards
 
 
 def use_realtime_priority() -> None:
@@ -151,7 +184,13 @@ def run_watch(
             engine.listeners.append(notifier)
         if metrics is not None:
             metrics.attach(engine)
-        engine.run()
+            if engine.guards is not None:
+                metrics.attach_guard(engine.guards)
+        try:
+            engine.run()
+        finally:
+            if isinstance(engine.guards, Guards):
+                engine.guards.close()
     except PgoomError as err:
         notifier.failed(str(err))
         raise

@@ -1,0 +1,198 @@
+"""The guard's figures on the real kernel: a cgroup v1 (or v2) memory cgroup, PostgreSQL in
+it, the guard (watcher.guard.Guards, the code `pgoom watch --guard` runs) in-process.
+
+    flock /var/lock/pgoom-itest.lock .venv/bin/python scripts/bench_guard.py \
+        [--runs 20] [--hold-s 120] [--idle-s 20] [--limit-mb 300]
+
+- latency: `--runs` runaway queries (array_agg over a target-list generate_series, ~175 MB/s
+  here): pressure event received -> signal sent (p50/p99), signal -> working set back below
+  the relief level (threshold - 5 points), and the share of runs in which the guard acted
+  and the kernel's OOM killer did not.
+- false positives: a session holding ~85 % of the limit for `--hold-s` seconds while other
+  sessions run queries and a file read fills the page cache to the limit: actions (goal 0).
+- idle: the guard's wakeups while memory is fine, over `--idle-s` seconds (goal 0).
+A benchmark, not a test: it prints figures; timings on a busy 2-CPU machine are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from scripts.oomharness.cgroup import MemoryCgroup, enter
+from scripts.oomharness.pgcluster import HarnessCluster, Session
+from tests.support.guardloop import GuardLoop
+from tests.support.pg import Template
+from watcher.guard import Guards, GuardSettings
+from watcher.guard.memory import MemoryGroup, MemoryReader
+from watcher.procfs import ProcFS
+
+BIG_QUERY = "select array_length(array_agg(g), 1) from (select generate_series(1, 150000000) g) s;"
+MIB = 1 << 20
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def start_guard(memcg: MemoryCgroup, pm: int) -> tuple[Guards, GuardLoop]:
+    actions: list[dict[str, Any]] = []
+    guards = Guards(
+        GuardSettings(),
+        ProcFS(),
+        report=lambda name, fields: actions.append(fields) if name == "guard_action" else None,
+    )
+    group = MemoryGroup(memcg.version, memcg.path, memcg.path if memcg.version == 2 else None)
+    guards.guard(pm, ProcFS().stat(pm).starttime_ticks, group)
+    loop = GuardLoop(guards)
+    loop.actions = actions
+    return guards, loop
+
+
+def latency(cluster: HarnessCluster, memcg: MemoryCgroup, runs: int) -> None:
+    pm = cluster.postmaster_pid()
+    event_us: list[float] = []
+    relief_ms: list[float] = []
+    first = 0
+    for index in range(1, runs + 1):
+        bystander, runaway = Session(cluster), Session(cluster)
+        bystander.run("select 1;")
+        oom_before = memcg.oom_kills()
+        guards, loop = start_guard(memcg, pm)
+        try:
+            runaway.run(BIG_QUERY, 120)
+        finally:
+            loop.stop()
+            guards.close()
+        kills = memcg.oom_kills() - oom_before
+        acted = [a for a in loop.actions if a["outcome"] == "relieved"]
+        if acted and kills == 0:
+            first += 1
+        for action in loop.actions:
+            event_us.append(action["event_to_signal_us"])
+            if action["relief_ms"] is not None:
+                relief_ms.append(action["relief_ms"])
+        outcome = ", ".join(f"{a['signal']} {a['outcome']}" for a in loop.actions) or "none"
+        print(f"run {index}/{runs}: guard {outcome}; OOM kills {kills}", flush=True)
+        bystander.close()
+        runaway.close()
+        cluster.wait_ready(60)
+    if event_us:
+        print(
+            f"pressure event -> signal sent: p50 {percentile(event_us, 0.5) / 1000:.2f} ms, "
+            f"p99 {percentile(event_us, 0.99) / 1000:.2f} ms, max {max(event_us) / 1000:.2f} ms "
+            f"over {len(event_us)} signals"
+        )
+    if relief_ms:
+        print(
+            f"signal -> working set below the relief level: p50 "
+            f"{statistics.median(relief_ms):.1f} ms, p99 {percentile(relief_ms, 0.99):.1f} ms, "
+            f"max {max(relief_ms):.1f} ms"
+        )
+    print(f"guard acted before the kernel's OOM killer: {first}/{runs} runs")
+
+
+def false_positives(cluster: HarnessCluster, memcg: MemoryCgroup, hold_s: float) -> None:
+    pm = cluster.postmaster_pid()
+    reader = MemoryReader(MemoryGroup(memcg.version, memcg.path, memcg.path))
+    holder, worker = Session(cluster), Session(cluster)
+    # Grow one session in 1 MiB steps until the working set is at ~85 % of the limit.
+    target = memcg.limit_bytes * 0.85
+    step = 0
+    while reader.sample().working_set_bytes < target:
+        step += 1
+        holder.run(f"select set_config('bench.hold{step}', repeat('x', 1048576), false);")
+    held = reader.sample()
+    guards, loop = start_guard(memcg, pm)
+    deadline = time.monotonic() + hold_s
+    fills = 0
+    highest = 0
+    try:
+        with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+            while time.monotonic() < deadline:
+                worker.run("select count(*) from generate_series(1, 200000);")
+                subprocess.run(
+                    [
+                        "dd",
+                        "if=/dev/zero",
+                        f"of={tmp}/fill",
+                        "bs=1M",
+                        f"count={memcg.limit_bytes // MIB}",
+                        "status=none",
+                    ],
+                    preexec_fn=lambda: enter(memcg.procs_file),
+                    check=True,
+                )
+                subprocess.run(
+                    ["cat", f"{tmp}/fill"],
+                    stdout=subprocess.DEVNULL,
+                    preexec_fn=lambda: enter(memcg.procs_file),
+                    check=True,
+                )
+                fills += 1
+                highest = max(highest, reader.sample().usage_bytes)
+    finally:
+        loop.stop()
+        guard = next(iter(guards.entries.values())).guard
+        guards.close()
+    print(
+        f"held working set {held.working_set_bytes / MIB:.0f} of {memcg.limit_bytes / MIB:.0f} "
+        f"MiB ({100 * held.working_set_bytes / memcg.limit_bytes:.0f} %) for {hold_s:g} s, "
+        f"{fills} page-cache fills to the limit (highest usage {highest / MIB:.0f} MiB): "
+        f"{sum(guard.counters.pressure_events.values())} pressure events, "
+        f"{len(loop.actions)} actions, OOM kills {memcg.oom_kills()}"
+    )
+    holder.close()
+    worker.close()
+
+
+def idle(cluster: HarnessCluster, memcg: MemoryCgroup, idle_s: float) -> None:
+    pm = cluster.postmaster_pid()
+    guards, loop = start_guard(memcg, pm)
+    time.sleep(idle_s)  # the measurement itself: nothing happens for this long
+    loop.stop()
+    guards.close()
+    print(f"idle {idle_s:g} s with the guard on: {loop.wakeups} wakeups")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--hold-s", type=float, default=120.0)
+    parser.add_argument("--idle-s", type=float, default=20.0)
+    parser.add_argument("--limit-mb", type=int, default=300)
+    args = parser.parse_args()
+    template = Template()
+    memcg = MemoryCgroup(args.limit_mb * MIB, prefix="pgoom-bench-guard")
+    cluster = HarnessCluster(template, memcg.procs_file)
+    print(
+        f"cgroup v{memcg.version} {memcg.path}, limit {args.limit_mb} MiB, "
+        f"{os.cpu_count()} CPUs, Linux {os.uname().release}",
+        flush=True,
+    )
+    try:
+        cluster.start()
+        if args.idle_s:
+            idle(cluster, memcg, args.idle_s)
+        if args.runs:
+            latency(cluster, memcg, args.runs)
+        if args.hold_s:
+            false_positives(cluster, memcg, args.hold_s)
+    finally:
+        cluster.destroy()
+        template.cleanup()
+        memcg.remove()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

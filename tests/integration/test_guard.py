@@ -1,0 +1,270 @@
+"""The guard on the real kernel: a real cgroup v1 memory cgroup, real PostgreSQL inside it,
+a real runaway query. The guard runs in-process (watcher.guard.Guards driven by a small
+epoll loop in a thread); `pgoom watch --guard` end to end is in test_guard_watch.py."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from scripts.oomharness.cgroup import MemoryCgroup
+from scripts.oomharness.pgcluster import HarnessCluster, Session
+from tests.support.guardloop import GuardLoop
+from tests.support.pg import Template, alive, wait_for
+from watcher.guard import Guards, GuardSettings
+from watcher.guard.children import read_children
+from watcher.guard.memory import MemoryGroup, MemoryReader
+from watcher.guard.victim import CLIENT, choose, classify
+from watcher.procfs import ProcFS
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (memory cgroups)")
+
+LIMIT_BYTES = 300 << 20
+# A runaway query: array_agg's state doubles until it would cross the limit.
+BIG_QUERY = "select array_length(array_agg(g), 1) from (select generate_series(1, 150000000) g) s;"
+# Session-level memory a cancel does not give back: local buffers for temporary tables are
+# allocated as the session touches them and kept until the session ends.
+SESSION_HOG = (
+    "set temp_buffers = '1GB';\n"
+    "create temp table hog as select repeat('x', 2000) as pad from generate_series(1, 400000);"
+)
+
+
+@pytest.fixture
+def memcg() -> Iterator[MemoryCgroup]:
+    group = MemoryCgroup(LIMIT_BYTES, prefix="pgoom-guard-test")
+    if group.version != 1:
+        group.remove()
+        pytest.skip("this test is for cgroup v1; cgroup v2 runs in the VM test bed")
+    yield group
+    group.remove()
+
+
+@pytest.fixture
+def cluster(pg_template: Template, memcg: MemoryCgroup) -> Iterator[HarnessCluster]:
+    c = HarnessCluster(pg_template, memcg.procs_file, launcher_score=1000, children_score=1000)
+    c.start()
+    yield c
+    c.destroy()
+
+
+def guarded(memcg: MemoryCgroup, pm: int, **settings: Any) -> tuple[Guards, GuardLoop]:
+    actions: list[dict[str, Any]] = []
+    guards = Guards(
+        GuardSettings(**settings),
+        ProcFS(),
+        report=lambda name, fields: actions.append(fields) if name == "guard_action" else None,
+    )
+    start = ProcFS().stat(pm).starttime_ticks
+    assert guards.guard(pm, start, MemoryGroup(1, memcg.path)) is not None
+    loop = GuardLoop(guards)
+    loop.actions = actions
+    return guards, loop
+
+
+def backend_pid(session: Session) -> int:
+    out = session.run("select pg_backend_pid();")
+    assert out.ok, out.lines
+    return int(out.lines[-1])
+
+
+def test_runaway_query_is_cancelled_and_nobody_else_loses_anything(
+    cluster: HarnessCluster, memcg: MemoryCgroup
+) -> None:
+    pm = cluster.postmaster_pid()
+    bystander, runaway = Session(cluster), Session(cluster)
+    bystander_pid, runaway_pid = backend_pid(bystander), backend_pid(runaway)
+    oom_before = memcg.oom_kills()
+    guards, loop = guarded(memcg, pm)
+    try:
+        result = runaway.run(BIG_QUERY, timeout_s=120)
+    finally:
+        loop.stop()
+        guards.close()
+    assert not result.ok
+    assert any("canceling statement due to user request" in line for line in result.lines), (
+        result.lines
+    )
+    assert memcg.oom_kills() == oom_before, "the kernel's OOM killer ran"
+    assert alive(pm) and alive(runaway_pid) and alive(bystander_pid)
+    # The session that ran the query survives the cancel; so does everybody else's.
+    assert backend_pid(runaway) == runaway_pid
+    assert backend_pid(bystander) == bystander_pid
+    assert [(a["pid"], a["signal"], a["outcome"]) for a in loop.actions] == [
+        (runaway_pid, "SIGINT", "relieved")
+    ]
+    with open(cluster.log_path) as f:
+        log = f.read()
+    assert "terminating any other active server processes" not in log
+    bystander.close()
+    runaway.close()
+
+
+def test_a_cancel_that_frees_nothing_escalates_to_terminate(
+    cluster: HarnessCluster, memcg: MemoryCgroup
+) -> None:
+    pm = cluster.postmaster_pid()
+    bystander, hog = Session(cluster), Session(cluster)
+    bystander_pid, hog_pid = backend_pid(bystander), backend_pid(hog)
+    oom_before = memcg.oom_kills()
+    guards, loop = guarded(memcg, pm, grace_s=0.5)
+    try:
+        result = hog.run(SESSION_HOG, timeout_s=120)
+        wait_for(lambda: len(loop.actions) >= 2, 10, 0.01, what="the escalation")
+    finally:
+        loop.stop()
+        guards.close()
+    assert [(a["pid"], a["signal"], a["outcome"]) for a in loop.actions] == [
+        (hog_pid, "SIGINT", "no_relief"),
+        (hog_pid, "SIGTERM", "relieved"),
+    ], (loop.actions, result.lines)
+    assert memcg.oom_kills() == oom_before
+    wait_for(lambda: not alive(hog_pid), 10, 0.01, what="the terminated backend to exit")
+    assert alive(pm)
+    assert backend_pid(bystander) == bystander_pid
+    with open(cluster.log_path) as f:
+        log = f.read()
+    assert "terminating connection due to administrator command" in log
+    # Never a SIGKILL, and so never a crash restart.
+    assert "was terminated by signal" not in log
+    assert "terminating any other active server processes" not in log
+    bystander.close()
+    hog.close()
+
+
+def test_auxiliary_processes_are_never_candidates(cluster: HarnessCluster) -> None:
+    pm = cluster.postmaster_pid()
+    procfs = ProcFS()
+    wait_for(lambda: len(read_children(procfs, pm)) >= 5, 10, 0.05, what="the auxiliaries")
+    aux = [c for c in read_children(procfs, pm) if "[local]" not in " ".join(c.argv)]
+    assert len(aux) >= 5, [c.argv for c in aux]
+    # The checkpointer, walwriter, autovacuum launcher, ...: never a client backend, and
+    # never chosen even with no floor and nothing else to choose.
+    assert all(classify(c.argv).name != CLIENT for c in aux), [c.argv for c in aux]
+    assert choose(aux, floor_bytes=0) is None
+    session = Session(cluster)
+    pid = backend_pid(session)
+    assert session.run("select set_config('t.big', repeat('x', 8388608), false);").ok
+    chosen = choose(read_children(procfs, pm), floor_bytes=0)
+    assert chosen is not None and chosen.pid == pid
+    session.close()
+
+
+def test_a_hog_that_is_not_postgres_is_left_to_the_kernel(
+    cluster: HarnessCluster, memcg: MemoryCgroup
+) -> None:
+    import subprocess
+
+    from scripts.oomharness.cgroup import enter
+
+    pm = cluster.postmaster_pid()
+    with open(f"/proc/{pm}/oom_score_adj", "w") as f:
+        f.write("0")  # what pgoom watch does: the kernel's choice falls among the rest
+    bystander = Session(cluster)
+    bystander_pid = backend_pid(bystander)
+    oom_before = memcg.oom_kills()
+    guards, loop = guarded(memcg, pm)
+
+    def join() -> None:
+        enter(memcg.procs_file)
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")  # as bad a candidate as the backends: the largest one dies
+
+    code = "b = []\nwhile True:\n    b.append(b'\\x01' * (1 << 20))\n"
+    try:
+        hog = subprocess.Popen(["python3", "-c", code], preexec_fn=join)
+        assert hog.wait(60) == -signal.SIGKILL
+        wait_for(lambda: memcg.oom_kills() > oom_before, 5, 0.01, what="the kernel's kill")
+    finally:
+        loop.stop()
+        guard = next(iter(guards.entries.values())).guard
+        guards.close()
+    assert loop.actions == []
+    assert guard.counters.no_victim > 0  # it saw the pressure and found nobody to stop
+    assert alive(pm) and backend_pid(bystander) == bystander_pid
+    bystander.close()
+
+
+def test_working_set_excludes_page_cache(memcg: MemoryCgroup, tmp_path: Any) -> None:
+    import subprocess
+
+    from scripts.oomharness.cgroup import enter
+
+    path = tmp_path / "fill"
+    subprocess.run(
+        ["dd", "if=/dev/zero", f"of={path}", "bs=1M", "count=400", "status=none"],
+        preexec_fn=lambda: enter(memcg.procs_file),
+        check=True,
+    )
+    sample = MemoryReader(MemoryGroup(1, memcg.path)).sample()
+    assert sample.limit_bytes == LIMIT_BYTES
+    assert sample.usage_bytes > LIMIT_BYTES * 0.8  # the cache filled the group...
+    assert sample.working_set_bytes < LIMIT_BYTES * 0.5  # ...and is not its working set
+
+
+def test_no_action_at_85_percent_while_the_page_cache_fills_the_rest(
+    cluster: HarnessCluster, memcg: MemoryCgroup, tmp_path: Any
+) -> None:
+    import subprocess
+
+    from scripts.oomharness.cgroup import enter
+
+    pm = cluster.postmaster_pid()
+    reader = MemoryReader(MemoryGroup(1, memcg.path))
+    holder, worker = Session(cluster), Session(cluster)
+    step = 0
+    while reader.sample().working_set_bytes < LIMIT_BYTES * 0.85:
+        step += 1
+        assert holder.run(f"select set_config('t.h{step}', repeat('x', 1048576), false);").ok
+    guards, loop = guarded(memcg, pm)
+    try:
+        for _ in range(3):
+            # Written, then read back: the cache is active, and still reclaimable.
+            for argv in (
+                ["dd", "if=/dev/zero", f"of={tmp_path}/fill", "bs=1M", "count=300", "status=none"],
+                ["cat", f"{tmp_path}/fill"],
+            ):
+                subprocess.run(
+                    argv,
+                    stdout=subprocess.DEVNULL,
+                    preexec_fn=lambda: enter(memcg.procs_file),
+                    check=True,
+                )
+            assert worker.run("select count(*) from generate_series(1, 200000);").ok
+    finally:
+        loop.stop()
+        guard = next(iter(guards.entries.values())).guard
+        guards.close()
+    assert guard.counters.pressure_events  # it was woken, and looked...
+    assert loop.actions == []  # ...and did nothing
+    assert holder.run("select 1;").ok
+    holder.close()
+    worker.close()
+
+
+def test_host_psi_trigger_registers_on_this_kernel() -> None:
+    """The bare-host source on the real kernel: a PSI trigger on /proc/pressure/memory
+    (the 2 s window when CAP_SYS_RESOURCE is missing, as here), pollable, and quiet while the
+    host is not stalling on memory."""
+    import select
+
+    from watcher.guard.pressure import open_pressure
+
+    if not os.path.exists("/proc/pressure/memory"):
+        pytest.skip("no PSI on this kernel")
+    source = open_pressure(MemoryGroup(0, "/proc"), 0)
+    try:
+        (registration,) = source.registrations
+        assert registration.signal == "psi" and registration.mask == select.EPOLLPRI
+        poller = select.epoll()
+        poller.register(registration.fd, registration.mask)
+        assert poller.poll(0) == []  # armed, nothing to report
+        poller.close()
+    finally:
+        source.close()
+    sample = MemoryReader(MemoryGroup(0, "/proc")).sample()
+    assert sample.limit_bytes and 0 < sample.working_set_bytes < sample.limit_bytes

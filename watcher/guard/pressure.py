@@ -1,0 +1,196 @@
+"""The kernel's pressure notifications for one memory group, as file descriptors to poll.
+
+No timer and no polling while memory is fine: each source asks the kernel to wake it.
+
+- cgroup v1: eventfds registered through cgroup.event_control: a threshold on
+  memory.usage_in_bytes (fires when usage crosses it, in *either* direction), a listener on
+  memory.pressure_level (fires on reclaim: the only signal left when page cache keeps usage
+  pinned at the limit while private memory grows under it), and memory.oom_control (the
+  kernel's OOM killer ran: the guard was too late or had no victim).
+- cgroup v2: a PSI trigger on memory.pressure (POLLPRI when tasks stalled on memory for
+  longer than the trigger's budget within its window) and memory.events (POLLPRI when a
+  counter such as `max` or `oom_kill` changes).
+- the bare host: a PSI trigger on /proc/pressure/memory.
+
+Each wakeup is only a reason to take a Sample: the guard decides on the working set, never
+on the notification alone (a v1 threshold also fires on the way down).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+from dataclasses import dataclass
+
+from watcher.guard.memory import MemoryGroup
+
+# A PSI trigger: wake when tasks of the group were stalled on memory for STALL_US in any
+# WINDOW_US. Unprivileged writers need a window that is a multiple of 2 s; root may use 1 s.
+PSI_STALL_US = 50_000
+PSI_WINDOW_US = 1_000_000
+PSI_UNPRIVILEGED_WINDOW_US = 2_000_000
+
+
+class PressureUnavailable(RuntimeError):
+    """The group cannot notify (no cgroup.event_control, no PSI): the guard cannot watch it."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    fd: int
+    mask: int  # epoll events: EPOLLIN for eventfds, EPOLLPRI for PSI and kernfs files
+    signal: str  # "threshold", "vmpressure", "oom", "psi", "events"
+
+
+_EFD_CLOEXEC = 0o2000000  # = O_CLOEXEC
+_EFD_NONBLOCK = 0o4000  # = O_NONBLOCK
+
+
+def _eventfd() -> int:
+    """A non-blocking, close-on-exec eventfd. os.eventfd is Python 3.10+; the Percona image's
+    python3 is 3.9, so libc's eventfd(2) wrapper through ctypes there."""
+    if hasattr(os, "eventfd"):
+        fd: int = os.eventfd(0, _EFD_NONBLOCK | _EFD_CLOEXEC)
+        return fd
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = int(libc.eventfd(0, _EFD_NONBLOCK | _EFD_CLOEXEC))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return fd
+
+
+class PressureSource:
+    """Base: a set of registrations, drained on wakeup, closed at the end."""
+
+    description = ""
+
+    def __init__(self) -> None:
+        self.registrations: list[Registration] = []
+
+    def drain(self, registration: Registration) -> int:
+        """Consume the wakeup (so the fd does not stay ready); the number of notifications."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        for registration in self.registrations:
+            try:
+                os.close(registration.fd)
+            except OSError:
+                pass
+        self.registrations = []
+
+
+def v1_thresholds(threshold_bytes: int, limit_bytes: int) -> list[int]:
+    """Usage thresholds from `threshold_bytes` up to the limit, one per 1 % of the limit.
+    One threshold is not enough: when page cache took usage past it (the working set still
+    below), the kernel reports no further crossing while private memory grows under the
+    cache, and reclaim (vmpressure) may start only at the limit, too late. Measured with the
+    OOM harness: one threshold, the first wakeup came at 299 of 300 MiB."""
+    step = max(1 << 20, limit_bytes // 100)
+    return list(range(threshold_bytes, limit_bytes, step)) or [threshold_bytes]
+
+
+class V1Pressure(PressureSource):
+    def __init__(self, directory: str, threshold_bytes: int, limit_bytes: int = 0) -> None:
+        super().__init__()
+        levels = v1_thresholds(threshold_bytes, limit_bytes or threshold_bytes)
+        self.description = (
+            f"cgroup v1: {len(levels)} usage threshold(s) from {threshold_bytes >> 20} MiB "
+            "+ vmpressure + oom_control"
+        )
+        try:
+            for level in levels:
+                self._register(directory, "memory.usage_in_bytes", str(level), "threshold")
+            # "low" in the default mode also receives medium and critical.
+            self._register(directory, "memory.pressure_level", "low", "vmpressure")
+            self._register(directory, "memory.oom_control", "", "oom")
+        except OSError as err:
+            self.close()
+            raise PressureUnavailable(f"{directory}: cgroup.event_control: {err.strerror}") from err
+
+    def _register(self, directory: str, target: str, args: str, signal: str) -> None:
+        efd = _eventfd()
+        try:
+            tfd = os.open(f"{directory}/{target}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                line = f"{efd} {tfd} {args}".rstrip()
+                cfd = os.open(f"{directory}/cgroup.event_control", os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    os.write(cfd, line.encode())
+                finally:
+                    os.close(cfd)
+            finally:
+                # The kernel keeps only the eventfd; closing that one unregisters the event.
+                os.close(tfd)
+        except OSError:
+            os.close(efd)
+            raise
+        self.registrations.append(Registration(efd, select.EPOLLIN, signal))
+
+    def drain(self, registration: Registration) -> int:
+        try:
+            return int.from_bytes(os.read(registration.fd, 8), "little")
+        except BlockingIOError:
+            return 0
+
+
+class PsiPressure(PressureSource):
+    """A PSI trigger on `pressure_file` (a cgroup's memory.pressure or /proc/pressure/memory),
+    plus, for a v2 cgroup, its memory.events."""
+
+    def __init__(self, pressure_file: str, events_file: str = "") -> None:
+        super().__init__()
+        self.description = (
+            f"PSI trigger some {PSI_STALL_US // 1000} ms per window on {pressure_file}"
+        )
+        try:
+            self.registrations.append(
+                Registration(self._trigger(pressure_file), select.EPOLLPRI, "psi")
+            )
+            if events_file:
+                fd = os.open(events_file, os.O_RDONLY | os.O_CLOEXEC)
+                self.registrations.append(Registration(fd, select.EPOLLPRI, "events"))
+                self._rearm(fd)
+                self.description += " + memory.events"
+        except OSError as err:
+            self.close()
+            raise PressureUnavailable(f"{pressure_file}: {err.strerror}") from err
+
+    @staticmethod
+    def _trigger(path: str) -> int:
+        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            try:
+                os.write(fd, f"some {PSI_STALL_US} {PSI_WINDOW_US}\0".encode())
+            except OSError as err:
+                if err.errno not in (errno.EINVAL, errno.EPERM):
+                    raise
+                os.write(fd, f"some {PSI_STALL_US} {PSI_UNPRIVILEGED_WINDOW_US}\0".encode())
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+
+    @staticmethod
+    def _rearm(fd: int) -> None:
+        # kernfs reports POLLPRI until the file is read again from the start.
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.read(fd, 4096)
+
+    def drain(self, registration: Registration) -> int:
+        if registration.signal == "events":
+            self._rearm(registration.fd)
+        # A PSI trigger needs no read: the kernel clears the event when poll reports it.
+        return 1
+
+
+def open_pressure(group: MemoryGroup, threshold_bytes: int, limit_bytes: int = 0) -> PressureSource:
+    if group.version == 1:
+        return V1Pressure(group.directory, threshold_bytes, limit_bytes)
+    if group.version == 2:
+        return PsiPressure(f"{group.directory}/memory.pressure", f"{group.directory}/memory.events")
+    return PsiPressure(f"{group.directory}/pressure/memory")

@@ -1,0 +1,188 @@
+"""Which child of a postmaster the guard may stop, and which one it stops. Pure: no I/O.
+
+PostgreSQL's postmaster classifies its children by type before it signals any of them; the
+guard does the same, from the process title each child sets:
+
+- a client backend reads `postgres: [cluster: ]<user> <database> <host> <activity>`, where
+  <host> is `[local]` or `address(port)`;
+- a parallel worker reads `postgres: [cluster: ]parallel worker for PID <leader>`: its
+  memory is its leader's query, so it counts towards the leader and is never signalled
+  itself (cancelling the leader stops the workers);
+- everything else — walsenders (`walsender ...`), autovacuum, the checkpointer, background
+  workers of extensions, titles the guard does not recognise — is never chosen.
+
+The victim is the client backend with the most private memory (RssAnon + swap; RssShmem is
+shared buffers it touched, which a cancel does not give back), if that is above a floor.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+from watcher.match import is_title_rewritten, role_of
+
+_HOST = re.compile(r"\[local\]|\S+\(\d{1,5}\)")
+_PARALLEL = re.compile(r"parallel worker for PID (\d{1,10})")
+TITLE_MAX_CHARS = 160
+
+CLIENT = "client backend"
+PARALLEL = "parallel worker"
+WALSENDER = "walsender"
+AUX = "auxiliary"  # checkpointer, autovacuum, ...: watcher.match's list of titles
+OTHER = "other"  # a title the guard does not recognise
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str  # CLIENT, PARALLEL, WALSENDER or OTHER
+    leader: Optional[int] = None  # a parallel worker's leader
+
+
+def _title_candidates(argv: list[str]) -> list[str]:
+    title = " ".join(argv).split(": ", 1)[1]
+    # With cluster_name set the title reads 'postgres: <cluster>: <what>'.
+    candidates = [title]
+    if ": " in title:
+        candidates.append(title.split(": ", 1)[1])
+    return candidates
+
+
+def _kind_of(text: str) -> Kind:
+    """One reading of a title (with or without a cluster name in front)."""
+    text = text.strip()
+    match = _PARALLEL.fullmatch(text)
+    if match:
+        return Kind(PARALLEL, leader=int(match.group(1)))
+    words = text.split()
+    if words and words[0] == WALSENDER:
+        # A walsender streams to a replica or a subscriber: stopping it stalls replication.
+        return Kind(WALSENDER)
+    if role_of(["postgres: " + text], False) == "aux":
+        return Kind(AUX)
+    # user, database, then the host: a user or database name with spaces in it moves the
+    # host further right, never to the left of position 2.
+    if len(words) >= 3 and any(_HOST.fullmatch(w) for w in words[2:]):
+        return Kind(CLIENT)
+    return Kind(OTHER)
+
+
+def classify(argv: list[str]) -> Kind:
+    """What kind of child a postmaster's child is, from its title alone.
+
+    Whether a cluster name precedes the rest cannot be told from the title, so both
+    readings are taken, and a child is a client backend only if no reading says otherwise:
+    `postgres: main: walsender postgres [local] streaming` reads as a client backend of
+    user 'walsender' without its cluster name, and is a walsender."""
+    if not is_title_rewritten(argv):
+        return Kind(OTHER)
+    kinds = [_kind_of(text) for text in _title_candidates(argv)]
+    # Any reading that names another kind rules 'client' out; the specific kinds first
+    # (watcher.match's list of auxiliary titles includes parallel workers).
+    for name in (PARALLEL, WALSENDER, AUX):
+        for kind in kinds:
+            if kind.name == name:
+                return kind
+    if any(kind.name == CLIENT for kind in kinds):
+        return Kind(CLIENT)
+    return Kind(OTHER)
+
+
+@dataclass(frozen=True)
+class Child:
+    """What was read about one child of the postmaster (watcher.guard.children)."""
+
+    pid: int
+    start_ticks: int
+    argv: list[str]
+    rss_anon_bytes: int
+    swap_bytes: int
+    rss_shmem_bytes: int = 0
+
+    @property
+    def private_bytes(self) -> int:
+        return self.rss_anon_bytes + self.swap_bytes
+
+
+@dataclass(frozen=True)
+class Candidate:
+    pid: int
+    start_ticks: int
+    title: str  # bounded and escaped: safe to log
+    private_bytes: int  # its own plus its parallel workers'
+    workers: int = 0
+    idle: bool = False  # between statements: a cancel would do nothing
+
+
+_IDLE_ENDINGS = ("idle", "idle in transaction", "idle in transaction (aborted)")
+
+
+def is_idle(argv: list[str]) -> bool:
+    """The backend is between statements (the title ends with its activity). PostgreSQL
+    discards a cancel that arrives while a backend waits for the next command, so for an
+    idle session only a terminate gives its memory back."""
+    text = " ".join(argv).rstrip(" \0")
+    return any(text.endswith(" " + ending) for ending in _IDLE_ENDINGS)
+
+
+def choose(children: list[Child], floor_bytes: int) -> Optional[Candidate]:
+    """The client backend with the most private memory (its parallel workers' included),
+    if above `floor_bytes`; None when no client backend qualifies. Ties go to the lower PID:
+    deterministic, and the older of two equal queries has had its chance."""
+    kinds = {c.pid: classify(c.argv) for c in children}
+    by_pid = {c.pid: c for c in children}
+    totals: dict[int, int] = {}
+    workers: dict[int, int] = {}
+    for child in children:
+        kind = kinds[child.pid]
+        if kind.name == CLIENT:
+            totals[child.pid] = totals.get(child.pid, 0) + child.private_bytes
+        elif kind.name == PARALLEL and kind.leader is not None:
+            leader = kinds.get(kind.leader)
+            # Only a leader that is a client backend of this same postmaster: a worker's
+            # title is not proof of anything about another process.
+            if leader is not None and leader.name == CLIENT:
+                totals[kind.leader] = totals.get(kind.leader, 0) + child.private_bytes
+                workers[kind.leader] = workers.get(kind.leader, 0) + 1
+    if not totals:
+        return None
+    pid = min(totals, key=lambda p: (-totals[p], p))
+    if totals[pid] <= floor_bytes:
+        return None
+    chosen = by_pid[pid]
+    return Candidate(
+        pid,
+        chosen.start_ticks,
+        display_title(chosen.argv),
+        totals[pid],
+        workers.get(pid, 0),
+        idle=is_idle(chosen.argv) and not workers.get(pid),
+    )
+
+
+def display_title(argv: list[str], limit: int = TITLE_MAX_CHARS) -> str:
+    """A process title as it may appear in a log line: user and database names and the
+    command tag are chosen by clients, so control characters, quotes and backslashes are
+    escaped and the length is bounded (one line per action, whatever the client sent)."""
+    text = " ".join(argv).rstrip()
+    out: list[str] = []
+    length = 0
+    for char in text:
+        if char == "\\":
+            piece = "\\\\"
+        elif char == '"':
+            piece = '\\"'
+        elif char.isprintable() and not ("\udc80" <= char <= "\udcff"):
+            piece = char
+        else:
+            code = ord(char)
+            if "\udc80" <= char <= "\udcff":  # a byte that was not UTF-8 (surrogateescape)
+                code -= 0xDC00
+            piece = f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+        if length + len(piece) > limit:
+            out.append("...")
+            break
+        out.append(piece)
+        length += len(piece)
+    return "".join(out)
