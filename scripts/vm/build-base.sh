@@ -10,8 +10,10 @@
 # in-guest suite never rebuilds the image (they travel on the per-run work disk). The
 # kernel .deb comes through the guest's own apt, so a non-Debian host (GitHub's Ubuntu
 # runners) builds the same guest. Prints "guest=DIR" on its last line.
+#   build-base.sh CACHE [--cached]   --cached: build nothing; exit 3 when not built yet.
 set -euo pipefail
-cache=${1:?usage: build-base.sh CACHE_DIR}
+cache=${1:?usage: build-base.sh CACHE_DIR [--cached]}
+only_cached=${2:-}
 here=$(cd "$(dirname "$0")" && pwd)
 mirror=${PGOOM_VM_MIRROR:-http://deb.debian.org/debian}
 suite=bookworm
@@ -30,6 +32,7 @@ if [ -f "$guest/root.img" ]; then
   echo "guest=$guest"
   exit 0
 fi
+[ "$only_cached" != --cached ] || exit 3
 mkdir -p "$cache"
 tmp=$(mktemp -d "$cache/.build.XXXXXX")
 root="$tmp/root"
@@ -45,9 +48,15 @@ debootstrap --variant=minbase --include="$packages" "$suite" "$root" "$mirror" \
 in_root() { chroot "$root" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "$@"; }
 mount -t proc proc "$root/proc"
 cp -L /etc/resolv.conf "$root/etc/resolv.conf" 2>/dev/null || true  # for the apt-get below
-# debootstrap leaves no cluster behind (postgresql-common skips it there): create Debian's
-# default one, as a real install would, for the suite's postgresql@15-main checks.
-in_root pg_createcluster 15 main >/dev/null
+# Debian's default cluster, as a real install leaves it, for the suite's postgresql@15-main
+# checks. Inside debootstrap postgresql-common may leave it half made (configuration, no
+# data directory): make it again then.
+if [ ! -f "$root/var/lib/postgresql/15/main/PG_VERSION" ] \
+  || [ ! -f "$root/etc/postgresql/15/main/postgresql.conf" ]; then
+  in_root pg_dropcluster 15 main >/dev/null 2>&1 || true
+  rm -rf "$root/etc/postgresql/15/main" "$root/var/lib/postgresql/15/main"
+  in_root pg_createcluster 15 main >/dev/null
+fi
 in_root python3 -m venv /opt/pgoom
 
 # --- the kernel, through the guest's apt ---------------------------------------------------

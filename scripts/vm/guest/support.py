@@ -132,7 +132,9 @@ def harness_run(
     except (OSError, ValueError, KeyError, IndexError) as err:
         tail = " | ".join((done.stdout + done.stderr).strip().splitlines()[-4:])
         raise Failed(f"no harness result ({err}); exit {done.returncode}: {tail}") from None
-    victims = sorted({str(v["role"]) for v in first["victims"]})
+    victims: dict[str, int] = {}  # role -> kills (a group kill names the chosen one twice)
+    for victim in first["victims"]:
+        victims[str(victim["role"])] = victims.get(str(victim["role"]), 0) + 1
     return {
         "harness_exit": done.returncode,
         "cgroup": doc["meta"].get("cgroup"),
