@@ -53,7 +53,8 @@ bash scripts/setup.sh
 
 cache=${PGOOM_VM_CACHE:-/var/tmp/pgoom-vm}
 mkdir -p "$cache"
-guest=$(bash scripts/vm/build-base.sh "$cache" | sed -n 's/^guest=//p')
+# Bounded like everything else here: debootstrap over a slow mirror must not hang CI.
+guest=$(timeout 1800 bash scripts/vm/build-base.sh "$cache" | sed -n 's/^guest=//p')
 [ -f "$guest/root.img" ] || { echo "vm-test: no guest image built" >&2; exit 1; }
 build_s=$(($(date +%s) - started))
 
@@ -75,7 +76,7 @@ stage="$run/stage"
 mkdir -p "$stage/src" "$stage/wheels"
 git ls-files -z -co --exclude-standard | tar --null -T - --ignore-failed-read -cf - 2>/dev/null \
   | tar -xf - -C "$stage/src"
-bash scripts/vm/wheelhouse.sh "$cache" "$stage/src" "$stage/wheels"
+timeout 900 bash scripts/vm/wheelhouse.sh "$cache" "$stage/src" "$stage/wheels"
 rm -rf "$stage/src/build" "$stage/src/"*.egg-info
 echo "$mode" > "$stage/mode"
 printf '%s\n' "${PGOOM_VM_ONLY:-}" > "$stage/only"
@@ -152,8 +153,9 @@ fi
 guest_s=$(($(date +%s) - t0))
 
 # --- results --------------------------------------------------------------------------------
-rm -rf "$out"
 mkdir -p "$out"
+# Only what a previous run left (never the directory itself: --out may be anything).
+rm -rf "$out/summary.json" "$out/summary.md" "$out/console.log" "$out/install.log" "$out/logs"
 tr -d '\r' <"$console" | sed 's/\x1b\[[0-9;?]*[a-zA-Z]//g' >"$out/console.log"
 debugfs -R "rdump /results $run" "$run/work.img" >/dev/null 2>&1 || true
 [ -d "$run/results" ] && cp -a "$run/results/." "$out/"
