@@ -82,8 +82,6 @@ echo "$mode" > "$stage/mode"
 printf '%s\n' "${PGOOM_VM_ONLY:-}" > "$stage/only"
 # Room for the suite's results and the harness's logs; sparse, so 2 GiB costs nothing.
 mkfs.ext4 -q -F -L pgoom-work -d "$stage" "$run/work.img" 2G >/dev/null
-# The cached image stays untouched: the guest writes to a throwaway overlay.
-qemu-img create -q -f qcow2 -b "$guest/root.img" -F raw "$run/root.qcow2"
 
 # --- boot -----------------------------------------------------------------------------------
 # TCG is 10-30x slower than KVM; KVM here is PVM, which does not boot stock kernels: try it
@@ -106,6 +104,9 @@ for try in "${accels[@]}"; do
     machine=(-accel tcg,thread=multi -cpu max)
   fi
   : > "$console"
+  # The cached image stays untouched: each boot writes to a fresh throwaway overlay.
+  rm -f "$run/root.qcow2"
+  qemu-img create -q -f qcow2 -b "$guest/root.img" -F raw "$run/root.qcow2"
   t0=$(date +%s)
   qemu-system-x86_64 "${machine[@]}" -smp 2 -m 2048 -nographic -no-reboot -nic none \
     -kernel "$guest/vmlinuz" -initrd "$guest/initrd.img" \
