@@ -83,6 +83,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="score of the process that starts PostgreSQL (and of the hog)",
     )
     parser.add_argument(
+        "--oom-group",
+        type=int,
+        choices=(0, 1),
+        default=0,
+        help="memory.oom.group of the cgroup (v2 only; 1 = what kubelet sets)",
+    )
+    parser.add_argument(
         "--recovery-limit-s", type=float, default=Config.recovery_limit_s, help="protected runs"
     )
     parser.add_argument(
@@ -158,7 +165,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"[{time.monotonic() - started:7.1f}s] {message}", flush=True)
 
     try:
-        cgroup = MemoryCgroup(config.limit_mb << 20)
+        cgroup = MemoryCgroup(config.limit_mb << 20, oom_group=args.oom_group)
     except (CgroupError, OSError) as err:
         print(f"oom-harness: {err}")
         return 2
@@ -175,6 +182,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             "kernel": platform.release(),
             "postgres": pg_version(template),
             "cgroup": f"v{cgroup.version} {cgroup.path}",
+            "oom_group": cgroup.oom_group,
             "cpus": os.cpu_count(),
         }
         log(

@@ -55,10 +55,13 @@ def detect() -> tuple[int, str]:
 
 
 class MemoryCgroup:
-    def __init__(self, limit_bytes: int, prefix: str = "pgoom-harness") -> None:
+    def __init__(
+        self, limit_bytes: int, prefix: str = "pgoom-harness", oom_group: int = 0
+    ) -> None:
         self.version, parent = detect()
         self.name = f"{prefix}-{uuid.uuid4().hex[:8]}"
         self.path = f"{parent}/{self.name}"
+        self.oom_group = oom_group
         os.mkdir(self.path)
         try:
             self._configure(limit_bytes)
@@ -69,6 +72,8 @@ class MemoryCgroup:
 
     def _configure(self, limit_bytes: int) -> None:
         if self.version == 1:
+            if self.oom_group:
+                raise CgroupError("memory.oom.group needs cgroup v2 (this host has v1)")
             _write(f"{self.path}/memory.limit_in_bytes", str(limit_bytes))
             memsw = f"{self.path}/memory.memsw.limit_in_bytes"
             if os.path.exists(memsw):
@@ -80,9 +85,11 @@ class MemoryCgroup:
             if os.path.exists(f"{self.path}/memory.swap.max"):
                 _write(f"{self.path}/memory.swap.max", "0")
             if os.path.exists(f"{self.path}/memory.oom.group"):
-                # Kubelet sets 1 on v2 (kills the whole container); the harness measures
-                # the per-process choice, which is what oom_score_adj steers.
-                _write(f"{self.path}/memory.oom.group", "0")
+                # Kubelet sets 1 on v2 (kills the whole container but tasks at -1000); the
+                # default 0 measures the per-process choice, which oom_score_adj steers.
+                _write(f"{self.path}/memory.oom.group", str(self.oom_group))
+            elif self.oom_group:
+                raise CgroupError(f"{self.path}: no memory.oom.group (kernel older than 4.19)")
 
     @property
     def procs_file(self) -> str:

@@ -5,6 +5,9 @@ Lines of interest (Linux 5.x/6.x wording):
   Memory cgroup out of memory: Killed process 1 (postgres) total-vm:..., oom_score_adj:1000
 and, with vm.oom_dump_tasks=1 (the default), one row per task of the group:
   [  pid  ]   uid  tgid total_vm      rss ... oom_score_adj name
+With memory.oom.group=1 (cgroup v2) the first kill is followed by
+  Tasks in /g are going to be killed due to memory.oom.group set
+and one "Killed process" line per other task of the group not at -1000.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Optional
 # The comm is up to 15 bytes of anything, ")" included: anchor on the field after it.
 _KILLED = re.compile(r"Killed process (\d+) \((.*)\) total-vm:.*?oom_score_adj:(-?\d+)")
 _CONSTRAINT = re.compile(r"oom-kill:.*?oom_memcg=([^,]*),.*?pid=(\d+)")
+_GROUP_KILL = re.compile(r"Tasks in (\S+) are going to be killed due to memory\.oom\.group set")
 _TASK_HEADER = re.compile(r"^\[\s*pid\s*\]\s+(.*)$")
 _TASK_ROW = re.compile(r"^\[\s*(\d+)\]\s+(.*)$")
 
@@ -89,11 +93,13 @@ def parse(lines: list[str], memcg_path: str, pids: Optional[set[int]] = None) ->
     columns: list[str] = []
     pending_tasks: dict[int, dict[str, object]] = {}
     in_group = False
+    group_kill = False  # inside a memory.oom.group kill of memcg_path: every line counts
     for line in lines:
         header = _TASK_HEADER.match(line)
         if header:
             columns = header.group(1).split()
             pending_tasks = {}
+            group_kill = False
             continue
         row = _TASK_ROW.match(line)
         if row and columns:
@@ -113,6 +119,7 @@ def parse(lines: list[str], memcg_path: str, pids: Optional[set[int]] = None) ->
             continue
         constraint = _CONSTRAINT.search(line)
         if constraint:
+            group_kill = False
             in_group = constraint.group(1) == memcg_path
             if in_group:
                 if not report.tasks:  # the first OOM's dump: the state that decided
@@ -120,11 +127,17 @@ def parse(lines: list[str], memcg_path: str, pids: Optional[set[int]] = None) ->
                 report.lines.append(line)
             columns = []
             continue
+        group = _GROUP_KILL.search(line)
+        if group:
+            group_kill = in_group = group.group(1) == memcg_path
+            if group_kill:
+                report.lines.append(line)
+            continue
         killed = _KILLED.search(line)
         if killed:
             pid = int(killed.group(1))
             if in_group or (pids is not None and pid in pids):
                 report.kills.append(Kill(pid, killed.group(2), int(killed.group(3)), line))
                 report.lines.append(line)
-            in_group = False
+            in_group = group_kill
     return report

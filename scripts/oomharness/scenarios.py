@@ -251,8 +251,10 @@ class Harness:
 
     def start(self, cluster: HarnessCluster, group: Group) -> None:
         launched = time.monotonic()
-        cluster.start(wait=False)
-        pm = cluster.postmaster_pid()
+        # The PID started is the postmaster's: after a kill postmaster.pid still names the
+        # dead one until the new postmaster rewrites it (found on cgroup v2, where the
+        # group kill takes the protected postmaster too and the harness restarts it).
+        pm = cluster.start(wait=False)
         if group.mode in WATCHED:
             protected_at = self._wait_protected(pm)
             if protected_at is None:

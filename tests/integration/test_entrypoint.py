@@ -311,6 +311,17 @@ def test_score_lowered_for_cmd_and_never_raised(work: str) -> None:
     assert probe_result(work)["score"] == 0
 
 
+@pytest.mark.vm
+@pytest.mark.parametrize("score", [-900, -1000])
+def test_score_below_zero_for_cmd_with_cap_sys_resource(work: str, score: int) -> None:
+    """The production case the refused one below stands in for on this machine."""
+    ensure_pg_user()
+    done = run_exec(work, ["--no-watch", "--score", str(score)], probe_cmd(work), score=0)
+    assert done.returncode == 0, done.stderr
+    assert "cannot set oom_score_adj" not in done.stderr
+    assert probe_result(work)["score"] == score
+
+
 def test_refused_score_warns_with_the_fix_and_still_runs_cmd(work: str) -> None:
     if has_cap(bounding_set(os.getpid()), CAP_SYS_RESOURCE):
         pytest.skip("this machine has CAP_SYS_RESOURCE: -900 is not refused")

@@ -184,6 +184,39 @@ def test_parse_group_membership_is_exact_not_a_prefix() -> None:
     assert [k.pid for k in kmsg.parse(nested, MEMCG + "/child").kills] == [2137]
 
 
+def _killed(pid: int, adj: int) -> str:
+    return (
+        f"Memory cgroup out of memory: Killed process {pid} (postgres) total-vm:93256kB, "
+        f"anon-rss:2308kB, file-rss:15956kB, shmem-rss:3764kB, UID:26 pgtables:144kB "
+        f"oom_score_adj:{adj}"
+    )
+
+
+# memory.oom.group=1 on cgroup v2 (the VM test, Linux 6.1): the chosen backend, then every
+# other task of the group, the postmaster at -900 included, and the chosen one once more.
+GROUP_KILL = [
+    _constraint(643, memcg="/pgoom-harness-6a44cc47"),
+    _killed(643, 0),
+    "Tasks in /pgoom-harness-6a44cc47 are going to be killed due to memory.oom.group set",
+    _killed(627, -900),
+    _killed(629, 0),
+    _killed(643, 0),
+]
+
+
+def test_parse_group_kill_counts_every_member() -> None:
+    parsed = kmsg.parse(GROUP_KILL, "/pgoom-harness-6a44cc47")
+    assert [(k.pid, k.oom_score_adj) for k in parsed.kills] == [
+        (643, 0), (627, -900), (629, 0), (643, 0)
+    ]  # fmt: skip
+    assert kmsg.parse(GROUP_KILL, MEMCG).kills == []
+
+
+def test_parse_group_kill_of_another_group_is_not_ours() -> None:
+    foreign = [line.replace("6a44cc47", "0ther000") for line in GROUP_KILL]
+    assert kmsg.parse(foreign, "/pgoom-harness-6a44cc47").kills == []
+
+
 def test_parse_global_oom_counts_only_named_pids() -> None:
     # Written from mm/oom_kill.c: a global OOM has no oom_memcg= field and another prefix.
     lines = [

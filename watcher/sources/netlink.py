@@ -281,6 +281,15 @@ class NetlinkSource:
             raise SourceUnavailable(
                 f"cannot open a proc connector socket: {os.strerror(err.errno or 0)}"
             ) from None
+        except KeyError:
+            # pyroute2 retries a refused bind() on other ports and then raises KeyError('no
+            # free address available'). Before Linux 6.6 joining the proc connector's group
+            # needs CAP_NET_ADMIN: found by the VM test (Debian 12, kernel 6.1, the shipped
+            # systemd unit), where this was a traceback and a restart loop.
+            raise SourceUnavailable(
+                "cannot join the proc connector's multicast group (before Linux 6.6 this "
+                "needs CAP_NET_ADMIN)"
+            ) from None
         try:
             self._raise_rcvbuf(self._sock)
             self._subscribe(self._sock)

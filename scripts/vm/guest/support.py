@@ -1,0 +1,152 @@
+"""What the guest's checks share: the installed pgoom, PostgreSQL clusters as uid 26 (the
+Percona image's postgres user), systemctl, and the OOM harness as a subprocess."""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import subprocess
+import sys
+from typing import Optional
+
+from scripts.vm.guest.registry import Context, Failed
+from tests.support.pg import Cluster, Template, read_score, wait_for
+
+# Installed from this checkout's wheel by guest/run.sh, where the unit's ExecStart expects it.
+PGOOM_VENV = "/opt/pgoom"
+PGOOM = [f"{PGOOM_VENV}/bin/pgoom"]
+
+_template: Optional[Template] = None
+
+
+def template() -> Template:
+    """One initdb for the whole suite (seconds under emulation), removed at exit."""
+    global _template
+    if _template is None:
+        _template = Template()
+        atexit.register(_template.cleanup)
+    return _template
+
+
+def production_cluster() -> Cluster:
+    """A cluster started as a production runtime would: launcher at 0, children reset to 0
+    by PostgreSQL itself (PG_OOM_ADJUST_FILE/VALUE)."""
+    return Cluster(template(), launcher_score=0, children_score=0)
+
+
+def run(
+    argv: list[str], timeout_s: float = 60, **kwargs: object
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(  # type: ignore[call-overload, no-any-return]
+        argv, capture_output=True, text=True, timeout=timeout_s, check=False, **kwargs
+    )
+
+
+def pgoom(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+    return run([*PGOOM, *args], timeout_s)
+
+
+def score_reaches(pid: int, target: int, timeout_s: float = 15) -> int:
+    """Wait until pid's oom_score_adj is `target`; returns it (or fails with what it is)."""
+    try:
+        wait_for(lambda: read_score(pid) == target, timeout_s, 0.005, what=f"{pid} at {target}")
+    except TimeoutError as err:
+        raise Failed(f"pid {pid} at {read_score(pid)}, not {target}: {err}") from None
+    return target
+
+
+def environ_of(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        pairs = [item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item]
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
+
+
+# --- systemd -------------------------------------------------------------------------------
+
+UNIT = "pgoom.service"
+DEBIAN_CLUSTER = "postgresql@15-main.service"
+DEBIAN_DATA_DIR = "/var/lib/postgresql/15/main"
+
+
+def systemctl(*args: str, timeout_s: float = 90) -> subprocess.CompletedProcess[str]:
+    return run(["systemctl", *args], timeout_s)
+
+
+def show(unit: str, *props: str) -> dict[str, str]:
+    done = systemctl("show", unit, "--property=" + ",".join(props))
+    values: dict[str, str] = {}
+    for line in done.stdout.splitlines():
+        key, _, value = line.partition("=")
+        values[key] = value
+    return values
+
+
+def install_unit(src: str) -> None:
+    """deploy/systemd as docs/bare-host.md installs it (idempotent)."""
+    shutil.copy(f"{src}/deploy/systemd/pgoom.service", f"/etc/systemd/system/{UNIT}")
+    dropin = "/etc/systemd/system/postgresql@.service.d"
+    os.makedirs(dropin, exist_ok=True)
+    shutil.copy(f"{src}/deploy/systemd/postgresql@.service.d/pgoom.conf", f"{dropin}/pgoom.conf")
+    done = systemctl("daemon-reload")
+    if done.returncode != 0:
+        raise Failed(f"systemctl daemon-reload: {done.stderr.strip()}")
+
+
+def journal(unit: str, lines: int = 30) -> str:
+    return run(["journalctl", "-u", unit, "-n", str(lines), "--no-pager", "-o", "cat"]).stdout
+
+
+def save_journal(ctx: Context, name: str, unit: str) -> None:
+    with open(ctx.log_path(name, f"{unit}.journal"), "w") as f:
+        f.write(journal(unit, 200))
+
+
+# --- the OOM harness -----------------------------------------------------------------------
+
+
+def harness_run(
+    ctx: Context, name: str, scenario: str, oom_group: int, score: int
+) -> dict[str, object]:
+    """One protected run of one scenario (`pgoom watch --score SCORE`, children 0, launcher
+    0) in a cgroup with memory.oom.group=OOM_GROUP. Returns the run's figures; the verdict
+    is the caller's (for oom.group=1 and -900 the postmaster is expected to die)."""
+    out = ctx.log_path(name, "harness")
+    argv = [
+        sys.executable, "-m", "scripts.oomharness", "--mode", "short", "--out", out,
+        "--scenario", scenario, "--runs", "1", "--baseline-runs", "0", "--storm-cycles", "0",
+        "--score", str(score), "--children-score", "0", "--launcher-score", "0",
+        "--oom-group", str(oom_group),
+        # Emulation (TCG) is 10-30x slower than the hardware the 2 s default was set on.
+        "--recovery-limit-s", "30",
+    ]  # fmt: skip
+    done = run(argv, timeout_s=600, cwd=ctx.src)
+    with open(f"{out}.log", "w") as f:
+        f.write(done.stdout + done.stderr)
+    try:
+        with open(f"{out}/oom-harness-short.json") as f:
+            doc = json.load(f)
+        runs = doc["groups"][0]["runs"]
+        first = runs[0]
+    except (OSError, ValueError, KeyError, IndexError) as err:
+        tail = " | ".join((done.stdout + done.stderr).strip().splitlines()[-4:])
+        raise Failed(f"no harness result ({err}); exit {done.returncode}: {tail}") from None
+    victims: dict[str, int] = {}  # role -> kills (a group kill names the chosen one twice)
+    for victim in first["victims"]:
+        victims[str(victim["role"])] = victims.get(str(victim["role"]), 0) + 1
+    return {
+        "harness_exit": done.returncode,
+        "cgroup": doc["meta"].get("cgroup"),
+        "oom_kills": first["oom_kills"],
+        "victims": victims,
+        "postmaster_survived": first["postmaster_survived"],
+        "postmaster_adj_at_oom": first["postmaster_adj_at_oom"],
+        "recovery_s": first["recovery_s"],
+        "rows_lost": first["rows_expected"] - (first["rows_counted"] or 0)
+        if first["rows_counted"] is not None
+        else None,
+        "scores": first["scores"],
+        "problems": first["problems"] + doc["groups"][0]["problems"],
+        "kernel": first["kernel_lines"][-2:],
+    }
