@@ -185,7 +185,7 @@ test_docker_mode() {
   # PG_OOM_ADJUST_VALUE reached the postmaster: its children (checkpointer, ...) set 500.
   local child child_score
   # (The postmaster's first child is pgoom's supervisor: reparented to PID 1, see
-  # watcher/monitor.py. Take a postgres one.)
+  # watcher/exec/supervisor.py. Take a postgres one.)
   child=$(in_ctr "$c" "for p in \$(cat /proc/$pm/task/$pm/children); do
       [ \"\$(cat /proc/\$p/comm)\" = postgres ] && echo \$p; done; true" | awk "NR == 1")
   child_score=$(in_ctr "$c" "cat /proc/$child/oom_score_adj")

@@ -7,13 +7,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from watcher.errors import AccessDenied, ProcessGone
-from watcher.parse import (
-    CAP_DAC_OVERRIDE,
-    CAP_SYS_RESOURCE,
-    capability_set,
-    has_capability,
-    status_uids,
-)
+from watcher.limits import CAP_DAC_OVERRIDE, CAP_SYS_RESOURCE
+from watcher.parse import capability_set, has_capability, status_uids
 from watcher.procfs import ProcFS
 
 

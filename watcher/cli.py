@@ -7,20 +7,18 @@ codes. No logic lives here. Every option has a PGOOM_* environment variable."""
 import importlib
 import os
 import sys
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from watcher import __version__
-from watcher.config import (
-    DEFAULT_INTERVAL_S,
-    DEFAULT_LOG_FILE,
-    DEFAULT_RCVBUF_BYTES,
-    DEFAULT_VERIFY_INTERVAL_S,
-)
-from watcher.config_file import DEFAULT_CONFIG_PATH
-from watcher.errors import EXIT_USAGE, PgoomError
-from watcher.match import DEFAULT_SCORE
+from watcher import __version__, options
+from watcher.commands import SUMMARY
+from watcher.errors import PgoomError
+from watcher.limits import DEFAULT_SCORE, EXIT_USAGE
+from watcher.options import Option
+
+if TYPE_CHECKING:
+    from watcher.config_file import WatchArgs
 
 app = typer.Typer(
     add_completion=False,
@@ -31,13 +29,11 @@ app = typer.Typer(
 )
 
 
-def _env_list(values: Optional[list[str]], name: str, sep: str) -> list[str]:
-    """Repeatable options take their env var as a list with an explicit separator: click's
-    whitespace split would cut a regex such as 'postgres -D /pgdata/pg' apart."""
-    if values:
-        return list(values)
-    raw = os.environ.get(name, "")
-    return [item for item in raw.split(sep) if item.strip()]
+def _option(option: Option[Any]) -> Any:
+    """The typer option of a declaration in watcher.options. A repeatable option reads its
+    variable itself (options.env_list: an explicit separator), so typer is not told it."""
+    env = option.env if option.env and not option.separator else None
+    return typer.Option(option.flag, envvar=env, help=option.help)
 
 
 def _fail(err: PgoomError) -> None:
@@ -45,165 +41,95 @@ def _fail(err: PgoomError) -> None:
     raise typer.Exit(err.exit_code)
 
 
-Score = Annotated[
-    int,
-    typer.Option(
-        "--score", envvar="PGOOM_SCORE", help="oom_score_adj for postmasters (-1000..1000)."
-    ),
-]
-Patterns = Annotated[
-    Optional[list[str]],
-    typer.Option(
-        "--pattern",
-        help="Regex on the command line of a postmaster (repeatable). "
-        "Env: PGOOM_PATTERN, one pattern per line. Default: 'postgres -D /pgdata/pg'.",
-    ),
-]
-DataDirs = Annotated[
-    Optional[list[str]],
-    typer.Option(
-        "--data-dir",
-        help="A data directory to protect and watch (repeatable). "
-        "Env: PGOOM_DATA_DIR, colon-separated.",
-    ),
-]
-ChildrenScore = Annotated[
-    Optional[int],
-    typer.Option(
-        "--children-score",
-        envvar="PGOOM_CHILDREN_SCORE",
-        help="Also set each new child of a protected postmaster to this score.",
-    ),
-]
+Score = Annotated[int, _option(options.SCORE)]
+Patterns = Annotated[Optional[list[str]], _option(options.PATTERN)]
+DataDirs = Annotated[Optional[list[str]], _option(options.DATA_DIR)]
 
 
-@app.command()
+@app.command(help=SUMMARY["watch"])
 def watch(
     ctx: typer.Context,
-    source: Annotated[
-        str, typer.Option("--source", envvar="PGOOM_SOURCE", help="auto|netlink|inotify|poll")
-    ] = "auto",
+    source: Annotated[str, _option(options.SOURCE)] = options.SOURCE.default,
     score: Score = DEFAULT_SCORE,
     pattern: Patterns = None,
     data_dir: DataDirs = None,
-    interval: Annotated[
-        float,
-        typer.Option(
-            "--interval",
-            envvar="PGOOM_INTERVAL",
-            help="Seconds between scans (poll source; child scans without netlink).",
-        ),
-    ] = DEFAULT_INTERVAL_S,
+    interval: Annotated[float, _option(options.INTERVAL)] = options.INTERVAL.default,
     verify_interval: Annotated[
-        float,
-        typer.Option(
-            "--verify-interval",
-            envvar="PGOOM_VERIFY_INTERVAL",
-            help="Seconds between checks that protected postmasters kept their score.",
-        ),
-    ] = DEFAULT_VERIFY_INTERVAL_S,
-    children_score: ChildrenScore = None,
-    all_postmasters: Annotated[
-        bool,
-        typer.Option(
-            "--all",
-            envvar="PGOOM_ALL",
-            help="Protect every verified postmaster, whatever its command line.",
-        ),
-    ] = False,
-    fallback: Annotated[
-        Optional[bool],
-        typer.Option(
-            "--fallback/--no-fallback",
-            envvar="PGOOM_FALLBACK",
-            help="When no rule matches any process, protect the postgres process that is the "
-            "parent of others, else the only one (the seed's methods b and c). Default: on "
-            "with the default pattern, off once --pattern, --data-dir or [[rule]]s are given.",
-        ),
-    ] = None,
-    log_file: Annotated[
-        str, typer.Option("--log-file", envvar="PGOOM_LOG_FILE", help="Log file ('' for none).")
-    ] = DEFAULT_LOG_FILE,
-    log_json: Annotated[
-        bool, typer.Option("--log-json", envvar="PGOOM_LOG_JSON", help="Log JSON lines.")
-    ] = False,
-    log_level: Annotated[str, typer.Option("--log-level", envvar="PGOOM_LOG_LEVEL")] = "INFO",
-    dry_run: Annotated[
-        bool,
-        typer.Option(
-            "--dry-run", envvar="PGOOM_DRY_RUN", help="Log what would change; write nothing."
-        ),
-    ] = False,
-    rcvbuf: Annotated[
-        int,
-        typer.Option("--rcvbuf", envvar="PGOOM_RCVBUF", help="Netlink receive buffer in bytes."),
-    ] = DEFAULT_RCVBUF_BYTES,
-    realtime: Annotated[
-        bool,
-        typer.Option(
-            "--realtime",
-            envvar="PGOOM_REALTIME",
-            help="Run at SCHED_FIFO priority 1 (needs CAP_SYS_NICE): a starting postmaster "
-            "then never waits behind other tasks for its protection.",
-        ),
-    ] = False,
+        float, _option(options.VERIFY_INTERVAL)
+    ] = options.VERIFY_INTERVAL.default,
+    children_score: Annotated[Optional[int], _option(options.CHILDREN_SCORE)] = None,
+    all_postmasters: Annotated[bool, _option(options.ALL)] = False,
+    fallback: Annotated[Optional[bool], _option(options.FALLBACK)] = None,
+    log_file: Annotated[str, _option(options.LOG_FILE)] = options.LOG_FILE.default,
+    log_json: Annotated[bool, _option(options.LOG_JSON)] = False,
+    log_level: Annotated[str, _option(options.LOG_LEVEL)] = options.LOG_LEVEL.default,
+    dry_run: Annotated[bool, _option(options.DRY_RUN)] = False,
+    rcvbuf: Annotated[int, _option(options.RCVBUF)] = options.RCVBUF.default,
+    realtime: Annotated[bool, _option(options.REALTIME)] = False,
+    group_kill: Annotated[str, _option(options.GROUP_KILL)] = options.GROUP_KILL.default,
     metrics_address: Annotated[
-        str,
-        typer.Option(
-            "--metrics-address",
-            envvar="PGOOM_METRICS_ADDRESS",
-            help="Serve Prometheus metrics on HOST:PORT (e.g. 127.0.0.1:9187). Default: off.",
-        ),
-    ] = "",
-    config: Annotated[
-        Optional[str],
-        typer.Option(
-            "--config",
-            envvar="PGOOM_CONFIG",
-            help=f"TOML rules file (default {DEFAULT_CONFIG_PATH} if it exists; '' for none). "
-            "Options and PGOOM_* variables override it.",
-        ),
-    ] = None,
+        str, _option(options.METRICS_ADDRESS)
+    ] = options.METRICS_ADDRESS.default,
+    config: Annotated[Optional[str], _option(options.CONFIG)] = None,
 ) -> None:
-    """Protect postmasters as they start, and keep them protected."""
+    from watcher.commands.watch import run_watch
     from watcher.config_file import resolve
-    from watcher.watch import run_watch
 
     try:
-        resolved = resolve(watch_params(ctx), explicit_params(ctx))
+        resolved = resolve(watch_args(ctx))
         run_watch(resolved.settings, resolved.metrics_address, resolved.notes)
     except PgoomError as err:
         _fail(err)
 
 
-def watch_params(ctx: typer.Context) -> dict[str, Any]:
-    """The parsed options, with the list options' env vars read."""
-    params = dict(ctx.params)
-    params["pattern"] = _env_list(params.get("pattern"), "PGOOM_PATTERN", "\n")
-    params["data_dir"] = _env_list(params.get("data_dir"), "PGOOM_DATA_DIR", ":")
-    return params
+def watch_args(ctx: typer.Context) -> "WatchArgs":
+    """The parsed options of `pgoom watch` as a typed WatchArgs (watcher.config_file), with
+    the repeatable options' variables read and the explicitly given options named."""
+    from watcher.config_file import WatchArgs
 
-
-def explicit_params(ctx: typer.Context) -> set[str]:
-    """Parameters given on the command line or through their PGOOM_* variable: these win
-    over the config file."""
+    p = ctx.params
     given = {"COMMANDLINE", "ENVIRONMENT"}  # click's ParameterSource names
-    found = set()
-    for name in ctx.params:
+    explicit = set()
+    for name in p:
         source = ctx.get_parameter_source(name)
         if source is not None and source.name in given:
-            found.add(name)
-    return found
+            explicit.add("all" if name == "all_postmasters" else name)
+    patterns = options.env_list(p["pattern"], options.PATTERN, dict(os.environ))
+    data_dirs = options.env_list(p["data_dir"], options.DATA_DIR, dict(os.environ))
+    if patterns:
+        explicit.add("pattern")
+    if data_dirs:
+        explicit.add("data_dir")
+    return WatchArgs(
+        source=p["source"],
+        score=p["score"],
+        patterns=patterns,
+        data_dirs=data_dirs,
+        interval_s=p["interval"],
+        verify_interval_s=p["verify_interval"],
+        children_score=p["children_score"],
+        match_all=p["all_postmasters"],
+        fallback=p["fallback"],
+        log_file=p["log_file"],
+        log_json=p["log_json"],
+        log_level=p["log_level"],
+        dry_run=p["dry_run"],
+        rcvbuf_bytes=p["rcvbuf"],
+        realtime=p["realtime"],
+        group_kill=p["group_kill"],
+        metrics_address=p["metrics_address"],
+        config=p["config"],
+        explicit=frozenset(explicit),
+    )
 
 
-@app.command()
+@app.command(help=SUMMARY["adjust"])
 def adjust(
     pid: Annotated[int, typer.Argument(help="The postmaster's PID.")],
     score: Score = DEFAULT_SCORE,
     force: Annotated[bool, typer.Option("--force", help="Skip the identity checks.")] = False,
 ) -> None:
-    """Set one process's oom_score_adj once (like choom), after the identity checks."""
-    from watcher.oneshot import adjust_once
+    from watcher.commands.adjust import adjust_once
 
     try:
         typer.echo(adjust_once(pid, score, force))
@@ -211,55 +137,48 @@ def adjust(
         _fail(err)
 
 
-@app.command()
+@app.command(help=SUMMARY["status"])
 def status(
     json_output: Annotated[bool, typer.Option("--json", help="JSON instead of a table.")] = False,
     pattern: Patterns = None,
     score: Score = DEFAULT_SCORE,
 ) -> None:
-    """Show postgres processes, their roles and scores, and whether postmasters are protected."""
-    from watcher.status import render, snapshot
+    from watcher.commands.status import render, snapshot
 
     try:
-        rows = snapshot(_env_list(pattern, "PGOOM_PATTERN", "\n"), score)
+        rows = snapshot(options.env_list(pattern, options.PATTERN, dict(os.environ)), score)
     except PgoomError as err:
         _fail(err)
     typer.echo(render(rows, json_output))
 
 
-@app.command()
+@app.command(help=SUMMARY["doctor"])
 def doctor(
     json_output: Annotated[bool, typer.Option("--json", help="JSON instead of text.")] = False,
     score: Score = DEFAULT_SCORE,
 ) -> None:
-    """Check this host or container: kernel, namespaces, capabilities, floors, cgroups."""
-    from watcher.doctor import render, run_checks, worst_exit_code
+    from watcher.commands.doctor import run_checks
+    from watcher.commands.doctor.checks import render, worst_exit_code
 
     results = run_checks(score)
     typer.echo(render(results, json_output))
     raise typer.Exit(worst_exit_code(results))
 
 
-@app.command()
+@app.command(help=SUMMARY["verify"])
 def verify(
     score: Score = DEFAULT_SCORE,
     pattern: Patterns = None,
     data_dir: DataDirs = None,
-    timeout: Annotated[
-        float,
-        typer.Option(
-            "--timeout", envvar="PGOOM_VERIFY_TIMEOUT", help="Seconds to wait for protection."
-        ),
-    ] = 10.0,
+    timeout: Annotated[float, _option(options.VERIFY_TIMEOUT)] = options.VERIFY_TIMEOUT.default,
     json_output: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
 ) -> None:
-    """Exit 0 when every postmaster is at or below --score within --timeout."""
-    from watcher.verify import verify_postmasters
+    from watcher.commands.verify import verify_postmasters
 
     try:
         code, text = verify_postmasters(
-            _env_list(pattern, "PGOOM_PATTERN", "\n"),
-            _env_list(data_dir, "PGOOM_DATA_DIR", ":"),
+            options.env_list(pattern, options.PATTERN, dict(os.environ)),
+            options.env_list(data_dir, options.DATA_DIR, dict(os.environ)),
             score,
             timeout,
             json_output,
@@ -272,12 +191,14 @@ def verify(
 
 @app.command(
     name="exec",
+    help=SUMMARY["exec"]
+    + " Usage: pgoom exec [--user U] [--score N] [--children-score N] [--no-watch] -- CMD"
+    " [ARGS...] (parsed before typer: see watcher.main).",
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
 )
 def exec_(ctx: typer.Context) -> None:
-    """Container entrypoint: pgoom exec [--user U] [--score N] [--children-score N]
-    [--no-watch] -- CMD [ARGS...]. (Dispatched before this parser; see watcher.main.)"""
-    from watcher.entrypoint import main as exec_main
+    # Reached only through typer (e.g. --help); watcher.main dispatches `pgoom exec` first.
+    from watcher.exec.entrypoint import main as exec_main
 
     raise typer.Exit(exec_main(list(ctx.args)))
 

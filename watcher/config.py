@@ -8,14 +8,26 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from watcher.errors import UsageError
-from watcher.match import DEFAULT_PATTERN, DEFAULT_SCORE, Rule, validate_score
+from watcher.groupkill import DEFAULT_POLICY, Policy
+from watcher.limits import DEFAULT_PATTERN, DEFAULT_SCORE
+from watcher.match import Rule
+from watcher.options import (
+    CHILDREN_SCORE,
+    DATA_DIR,
+    DEFAULT_INTERVAL_S,
+    DEFAULT_LOG_FILE,
+    DEFAULT_RCVBUF_BYTES,
+    DEFAULT_VERIFY_INTERVAL_S,
+    GROUP_KILL,
+    INTERVAL,
+    LOG_LEVEL,
+    PATTERN,
+    RCVBUF,
+    SCORE,
+    SOURCE,
+    VERIFY_INTERVAL,
+)
 
-SOURCES = ("auto", "netlink", "inotify", "poll")
-DEFAULT_LOG_FILE = "/tmp/postgres-oom-adjuster.log"
-DEFAULT_INTERVAL_S = 30.0  # the seed's polling interval
-DEFAULT_VERIFY_INTERVAL_S = 60.0
-# 32 MiB: measured to lose no event in a 100k-event storm with the watcher at nice 19.
-DEFAULT_RCVBUF_BYTES = 32 * 1024 * 1024
 DEFAULT_ACK_TIMEOUT_S = 0.5
 
 
@@ -30,25 +42,24 @@ class Settings:
     log_json: bool = False
     log_level: str = "INFO"
     dry_run: bool = False
-    fallback: bool = True  # the seed's methods (b) and (c) when no rule matches
+    # When no rule matches: the parent of other postgres processes, else the only one.
+    fallback: bool = True
     rcvbuf_bytes: int = DEFAULT_RCVBUF_BYTES
     realtime: bool = False  # SCHED_FIFO: the exec -> protected tail is CPU contention
+    group_kill: Policy = DEFAULT_POLICY  # what to do where the cgroup kills as a group
     ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S
     proc_root: str = "/proc"
+    cgroup_root: str = ""  # prefixes the cgroup mount points (unit tests: a fake cgroupfs)
 
 
-def compile_pattern(text: str) -> re.Pattern[str]:
-    try:
-        return re.compile(text)
-    except re.error as err:
-        raise UsageError(f"--pattern {text!r} is not a valid regular expression: {err}") from None
+def compile_pattern(text: str, where: str = PATTERN.flag) -> re.Pattern[str]:
+    return re.compile(PATTERN.validate_item(text, where))
 
 
-def check_data_dir(path: str) -> str:
-    if not path or not path.startswith("/"):
-        raise UsageError(f"--data-dir {path!r} must be an absolute path, such as /pgdata/pg16")
+def check_data_dir(path: str, where: str = DATA_DIR.flag) -> str:
+    DATA_DIR.validate_item(path, where)
     if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"--data-dir {path} exists but is not a directory")
+        raise UsageError(f"{where} {path} exists but is not a directory")
     return os.path.normpath(path)
 
 
@@ -61,9 +72,8 @@ def build_rules(
 ) -> list[Rule]:
     """Patterns (the default one when none is given), then data directories, then, with
     --all, every verified postmaster."""
-    validate_score(score)
-    if children_score is not None:
-        validate_score(children_score, "--children-score")
+    SCORE.validate(score)
+    CHILDREN_SCORE.validate(children_score)
     rules = [
         Rule(score=score, pattern=compile_pattern(p), children_score=children_score)
         for p in (patterns or [DEFAULT_PATTERN])
@@ -83,27 +93,44 @@ def make_settings(
     interval_s: float = DEFAULT_INTERVAL_S,
     verify_interval_s: float = DEFAULT_VERIFY_INTERVAL_S,
     match_all: bool = False,
-    **rest: object,
+    log_file: Optional[str] = DEFAULT_LOG_FILE,
+    log_json: bool = False,
+    log_level: str = "INFO",
+    dry_run: bool = False,
+    fallback: bool = True,
+    rcvbuf_bytes: int = DEFAULT_RCVBUF_BYTES,
+    realtime: bool = False,
+    ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S,
+    proc_root: str = "/proc",
+    group_kill: str = DEFAULT_POLICY.value,
+    cgroup_root: str = "",
 ) -> Settings:
-    source = source.lower()
-    if source not in SOURCES:
-        raise UsageError(f"--source {source!r} is unknown: use one of {', '.join(SOURCES)}")
-    if interval_s <= 0:
-        raise UsageError(f"--interval {interval_s} must be greater than 0 seconds")
-    if verify_interval_s <= 0:
-        raise UsageError(f"--verify-interval {verify_interval_s} must be greater than 0 seconds")
-    rcvbuf_bytes = rest.get("rcvbuf_bytes", DEFAULT_RCVBUF_BYTES)
-    if not isinstance(rcvbuf_bytes, int) or rcvbuf_bytes <= 0:
-        raise UsageError(f"--rcvbuf {rcvbuf_bytes} must be a positive number of bytes")
+    """Settings from values already taken from the command line, environment or file,
+    each checked by its declaration in watcher.options."""
+    source = SOURCE.validate(source).lower()
+    INTERVAL.validate(interval_s)
+    VERIFY_INTERVAL.validate(verify_interval_s)
+    RCVBUF.validate(rcvbuf_bytes)
+    log_level = LOG_LEVEL.validate(log_level).upper()
+    policy = Policy(GROUP_KILL.validate(group_kill).strip().lower())
     dirs = [check_data_dir(d) for d in (data_dirs or [])]
     if source == "inotify" and not dirs:
         raise UsageError("--source inotify needs at least one --data-dir (e.g. /pgdata/pg16)")
-    rules = build_rules(list(patterns or []), dirs, score, children_score, match_all)
     return Settings(
-        rules=rules,
+        rules=build_rules(list(patterns or []), dirs, score, children_score, match_all),
         data_dirs=dirs,
         source=source,
         interval_s=interval_s,
         verify_interval_s=verify_interval_s,
-        **rest,  # type: ignore[arg-type]
+        log_file=log_file,
+        log_json=log_json,
+        log_level=log_level,
+        dry_run=dry_run,
+        fallback=fallback,
+        rcvbuf_bytes=rcvbuf_bytes,
+        realtime=realtime,
+        ack_timeout_s=ack_timeout_s,
+        proc_root=proc_root,
+        group_kill=policy,
+        cgroup_root=cgroup_root,
     )

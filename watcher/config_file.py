@@ -16,12 +16,38 @@ import dataclasses
 import os
 import re
 import sys
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional, TypeVar, cast
 
-from watcher.config import SOURCES, Settings, make_settings
+from watcher.config import Settings, check_data_dir, make_settings
 from watcher.errors import UsageError
-from watcher.match import DEFAULT_SCORE, OOM_SCORE_ADJ_MAX, OOM_SCORE_ADJ_MIN, Rule
+from watcher.match import Rule
+from watcher.options import (
+    ALL,
+    CHILDREN_SCORE,
+    DEFAULT_CONFIG_PATH,
+    DEFAULT_INTERVAL_S,
+    DEFAULT_LOG_FILE,
+    DEFAULT_RCVBUF_BYTES,
+    DEFAULT_VERIFY_INTERVAL_S,
+    DRY_RUN,
+    FALLBACK,
+    FILE_KEYS,
+    GROUP_KILL,
+    INTERVAL,
+    LOG_FILE,
+    LOG_JSON,
+    LOG_LEVEL,
+    METRICS_ADDRESS,
+    PATTERN,
+    RCVBUF,
+    REALTIME,
+    RULE_KEYS,
+    SCORE,
+    SOURCE,
+    VERIFY_INTERVAL,
+    Option,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -29,37 +55,7 @@ else:  # Python 3.9/3.10 (UBI 9's python3 is 3.9): the same parser, from PyPI
     # mypy checks as 3.9 but runs where tomli need not be installed.
     import tomli as tomllib  # type: ignore[import-not-found, no-redef, unused-ignore]
 
-DEFAULT_CONFIG_PATH = "/etc/pgoom.toml"
-# loguru's levels that make sense for pgoom (TRACE adds nothing: pgoom logs none).
-LOG_LEVELS = ("DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
-
-# Top-level keys: name -> accepted Python types (bool is not an int here, and an int is a
-# fine float). The names are the long options without "--", with "-" as "_".
-OPTION_TYPES: dict[str, tuple[type, ...]] = {
-    "source": (str,),
-    "score": (int,),
-    "children_score": (int,),
-    "interval": (int, float),
-    "verify_interval": (int, float),
-    "all": (bool,),
-    "fallback": (bool,),
-    "log_file": (str,),
-    "log_json": (bool,),
-    "log_level": (str,),
-    "dry_run": (bool,),
-    "rcvbuf": (int,),
-    "realtime": (bool,),
-    "metrics_address": (str,),
-}
-RULE_TYPES: dict[str, tuple[type, ...]] = {
-    "pattern": (str,),
-    "data_dir": (str,),
-    "all": (bool,),
-    "score": (int,),
-    "children_score": (int,),
-}
-# cli.watch's parameter name for each top-level key, where the two differ.
-PARAM_OF_KEY = {"all": "all_postmasters"}
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -79,6 +75,33 @@ class ConfigFile:
     path: str
     options: dict[str, Any]
     rules: list[RuleSpec]
+
+
+@dataclass(frozen=True)
+class WatchArgs:
+    """What `pgoom watch` was given: each option from the command line, else its PGOOM_*
+    variable, else its default. `explicit` names (Option.name) the options given on the
+    command line or in the environment: those win over the file."""
+
+    source: str = SOURCE.default
+    score: int = SCORE.default
+    patterns: list[str] = field(default_factory=list)
+    data_dirs: list[str] = field(default_factory=list)
+    interval_s: float = DEFAULT_INTERVAL_S
+    verify_interval_s: float = DEFAULT_VERIFY_INTERVAL_S
+    children_score: Optional[int] = None
+    match_all: bool = False
+    fallback: Optional[bool] = None
+    log_file: str = DEFAULT_LOG_FILE
+    log_json: bool = False
+    log_level: str = LOG_LEVEL.default
+    dry_run: bool = False
+    rcvbuf_bytes: int = DEFAULT_RCVBUF_BYTES
+    realtime: bool = False
+    group_kill: str = GROUP_KILL.default
+    metrics_address: str = ""
+    config: Optional[str] = None
+    explicit: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -134,7 +157,7 @@ def parse_config(text: str, path: str) -> ConfigFile:
         line = int(found.group(1)) if found and found.group(1) else text.count("\n") + 1
         problem = _POSITION.sub("", message) if found else message
         raise UsageError(f"{path}:{line}: {problem[:1].lower()}{problem[1:]}") from None
-    lines = _KeyLines(text)
+    lines = _KeyLines(text, path)
 
     def fail(line: int, problem: str) -> UsageError:
         return UsageError(f"{path}:{line}: {problem}")
@@ -148,30 +171,13 @@ def parse_config(text: str, path: str) -> ConfigFile:
                 raise fail(line, "'rule' must be an array of tables: write [[rule]] headers")
             rules = [_rule(table, i, lines, fail) for i, table in enumerate(value)]
             continue
-        if key not in OPTION_TYPES:
+        option = FILE_KEYS.get(key)
+        if option is None:
             if isinstance(value, dict):
                 raise fail(line, f"unknown table [{key}]: the tables are [[rule]]")
-            raise fail(line, f"unknown key {key!r} (known: {', '.join(OPTION_TYPES)}, [[rule]])")
-        _check_type(key, value, OPTION_TYPES[key], line, fail)
-        if key in ("score", "children_score"):
-            _check_score(key, value, line, fail)
-        elif key in ("interval", "verify_interval") and value <= 0:
-            raise fail(line, f"{key} = {value}: must be greater than 0 seconds")
-        elif key == "source" and value.lower() not in SOURCES:
-            raise fail(line, f"source = {value!r} is unknown: use one of {', '.join(SOURCES)}")
-        elif key == "log_level" and value.upper() not in LOG_LEVELS:
-            raise fail(
-                line, f"log_level = {value!r} is unknown: use one of {', '.join(LOG_LEVELS)}"
-            )
-        elif key == "rcvbuf" and value <= 0:
-            raise fail(line, f"rcvbuf = {value}: must be a positive number of bytes")
-        elif key == "metrics_address" and value:
-            from watcher.metrics import parse_address
-
-            try:
-                parse_address(value)
-            except UsageError as err:
-                raise fail(line, str(err).replace("--metrics-address", "metrics_address")) from None
+            raise fail(line, f"unknown key {key!r} (known: {', '.join(FILE_KEYS)}, [[rule]])")
+        _check_type(key, value, option.kinds, line, fail)
+        option.validate(value, f"{path}:{line}: {key} =")
         options[key] = value
     return ConfigFile(path=path, options=options, rules=rules)
 
@@ -180,11 +186,11 @@ def _rule(table: dict[str, Any], index: int, lines: _KeyLines, fail: Any) -> Rul
     header = lines.of("rule", index, "")
     for key, value in table.items():
         line = lines.of("rule", index, key)
-        if key not in RULE_TYPES:
-            raise fail(line, f"unknown key {key!r} in [[rule]] (known: {', '.join(RULE_TYPES)})")
-        _check_type(key, value, RULE_TYPES[key], line, fail)
+        if key not in RULE_KEYS:
+            raise fail(line, f"unknown key {key!r} in [[rule]] (known: {', '.join(RULE_KEYS)})")
+        _check_type(key, value, RULE_KEYS[key], line, fail)
         if key in ("score", "children_score"):
-            _check_score(key, value, line, fail)
+            SCORE.validate(value, f"{lines.source}:{line}: {key} =")
     chosen = [k for k in ("pattern", "data_dir") if k in table] + (
         ["all"] if table.get("all") else []
     )
@@ -196,21 +202,13 @@ def _rule(table: dict[str, Any], index: int, lines: _KeyLines, fail: Any) -> Rul
         )
     pattern = table.get("pattern")
     if pattern is not None:
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            raise fail(
-                lines.of("rule", index, "pattern"),
-                f"pattern {pattern!r} is not a valid regular expression: {err}",
-            ) from None
+        PATTERN.validate_item(
+            pattern, f"{lines.source}:{lines.of('rule', index, 'pattern')}: pattern ="
+        )
     data_dir = table.get("data_dir")
     if data_dir is not None:
-        where = lines.of("rule", index, "data_dir")
-        if not data_dir.startswith("/"):
-            raise fail(where, f"data_dir {data_dir!r} must be an absolute path")
-        if os.path.exists(data_dir) and not os.path.isdir(data_dir):
-            raise fail(where, f"data_dir {data_dir} exists but is not a directory")
-        data_dir = os.path.normpath(data_dir)
+        where = f"{lines.source}:{lines.of('rule', index, 'data_dir')}: data_dir ="
+        data_dir = check_data_dir(data_dir, where)
     return RuleSpec(
         line=header,
         pattern=pattern,
@@ -230,11 +228,6 @@ def _check_type(key: str, value: object, types: tuple[type, ...], line: int, fai
         raise fail(line, f"{key} must be {want}, not {value!r}")
 
 
-def _check_score(key: str, value: int, line: int, fail: Any) -> None:
-    if not OOM_SCORE_ADJ_MIN <= value <= OOM_SCORE_ADJ_MAX:
-        raise fail(line, f"{key} = {value} is out of range: use a value from -1000 to 1000")
-
-
 _HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\-\"' ]+?)\s*\]\]?\s*(?:#.*)?$")
 _KEY = re.compile(r"^\s*([A-Za-z0-9_\-]+|\"[^\"]*\"|'[^']*')\s*=")
 
@@ -243,7 +236,8 @@ class _KeyLines:
     """Line numbers of table headers and keys, found by scanning the text: enough to point
     an operator at the right line of a small config file."""
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, source: str) -> None:
+        self.source = source  # the file's path, for messages
         self._lines: dict[tuple[str, int, str], int] = {}
         table, index = "", 0
         counts: dict[str, int] = {}
@@ -280,26 +274,24 @@ def config_path(given: Optional[str]) -> tuple[Optional[str], bool]:
     return given, True
 
 
-def resolve(params: dict[str, Any], explicit: set[str]) -> Resolved:
-    """Settings for `pgoom watch` from cli.watch's parameters. `explicit` names the
-    parameters given on the command line or in the environment: those win over the file.
-    `params["pattern"]`/`["data_dir"]` are lists, already read from their env vars."""
-    path, required = config_path(params.get("config"))
+def resolve(args: WatchArgs) -> Resolved:
+    """Settings for `pgoom watch`: the options given explicitly, then the file, then the
+    defaults."""
+    path, required = config_path(args.config)
     loaded = read_config(path, required) if path else None
     notes: list[str] = []
     file_options = loaded.options if loaded else {}
 
-    def pick(key: str) -> Any:
-        param = PARAM_OF_KEY.get(key, key)
-        if param in explicit or key not in file_options:
-            return params.get(param)
-        return file_options[key]
+    def pick(option: Option[Any], given: T) -> T:
+        if option.name in args.explicit or option.key not in file_options:
+            return given
+        return cast(T, file_options[option.key])  # checked against option.kinds on reading
 
-    cli_rules = bool(params.get("pattern")) or bool(params.get("data_dir"))
+    cli_rules = bool(args.patterns) or bool(args.data_dirs)
     file_rules = loaded.rules if loaded else []
-    score = pick("score")
-    children_score = pick("children_score")
-    match_all = bool(pick("all"))
+    score = pick(SCORE, args.score)
+    children_score = pick(CHILDREN_SCORE, args.children_score)
+    match_all = pick(ALL, args.match_all)
     use_file_rules = bool(file_rules) and not cli_rules
     if loaded is not None:
         notes.append(
@@ -309,48 +301,40 @@ def resolve(params: dict[str, Any], explicit: set[str]) -> Resolved:
         notes.append(
             f"--pattern/--data-dir given: the file's {len(file_rules)} [[rule]](s) are not used"
         )
-    data_dirs = (
-        [r.data_dir for r in file_rules if r.data_dir] if use_file_rules else params["data_dir"]
-    )
-    log_file = pick("log_file")
-    log_level = str(pick("log_level")).upper()
-    if log_level not in LOG_LEVELS:
-        raise UsageError(f"--log-level {log_level} is unknown: use one of {', '.join(LOG_LEVELS)}")
+    data_dirs = [r.data_dir for r in file_rules if r.data_dir] if use_file_rules else args.data_dirs
+    fallback = pick(FALLBACK, args.fallback)
     settings = make_settings(
-        patterns=list(params.get("pattern") or []),
-        data_dirs=list(data_dirs or []),
-        score=score if score is not None else DEFAULT_SCORE,
+        patterns=list(args.patterns),
+        data_dirs=list(data_dirs),
+        score=score,
         children_score=children_score,
-        source=pick("source"),
-        interval_s=float(pick("interval")),
-        verify_interval_s=float(pick("verify_interval")),
+        source=pick(SOURCE, args.source),
+        interval_s=float(pick(INTERVAL, args.interval_s)),
+        verify_interval_s=float(pick(VERIFY_INTERVAL, args.verify_interval_s)),
         match_all=match_all,
-        log_file=log_file or None,
-        log_json=bool(pick("log_json")),
-        log_level=log_level,
-        dry_run=bool(pick("dry_run")),
-        fallback=_fallback(pick("fallback"), cli_rules or use_file_rules),
-        rcvbuf_bytes=int(pick("rcvbuf")),
-        realtime=bool(pick("realtime")),
+        log_file=pick(LOG_FILE, args.log_file) or None,
+        log_json=pick(LOG_JSON, args.log_json),
+        log_level=pick(LOG_LEVEL, args.log_level),
+        dry_run=pick(DRY_RUN, args.dry_run),
+        fallback=_fallback(fallback, cli_rules or use_file_rules),
+        rcvbuf_bytes=pick(RCVBUF, args.rcvbuf_bytes),
+        realtime=pick(REALTIME, args.realtime),
+        group_kill=pick(GROUP_KILL, args.group_kill),
     )
     if use_file_rules:
-        rules = [_to_rule(spec, score, children_score, explicit) for spec in file_rules]
+        rules = [_to_rule(spec, score, children_score, args.explicit) for spec in file_rules]
         if match_all and not any(spec.all for spec in file_rules):
             rules.append(Rule(score=score, children_score=children_score))
         settings = dataclasses.replace(settings, rules=rules)
-    metrics_address = pick("metrics_address") or None
-    if metrics_address:
-        from watcher.metrics import parse_address
-
-        parse_address(metrics_address)
-    return Resolved(settings=settings, metrics_address=metrics_address, notes=tuple(notes))
+    metrics_address = METRICS_ADDRESS.validate(pick(METRICS_ADDRESS, args.metrics_address))
+    return Resolved(settings=settings, metrics_address=metrics_address or None, notes=tuple(notes))
 
 
 def _to_rule(
     spec: RuleSpec,
     score: int,
     children_score: Optional[int],
-    explicit: set[str],
+    explicit: frozenset[str],
 ) -> Rule:
     """A file rule's own score holds unless --score/PGOOM_SCORE was given; without either,
     the file's top-level score (already in `score`) is the default."""
@@ -366,8 +350,8 @@ def _to_rule(
     )
 
 
-def _fallback(choice: Any, rules_given: bool) -> bool:
-    """The seed's fallbacks guess; they suit the default pattern. Once the operator names
-    what to protect, guessing would protect some other cluster on the host, so it is off
-    unless asked for."""
-    return (not rules_given) if choice is None else bool(choice)
+def _fallback(choice: Optional[bool], rules_given: bool) -> bool:
+    """The fallbacks (the parent of other postgres processes, else the only one) guess; they
+    suit the default pattern. Once the operator names what to protect, guessing would
+    protect some other cluster on the host, so it is off unless asked for."""
+    return (not rules_given) if choice is None else choice

@@ -1,19 +1,17 @@
 """Error types, each named after what the operator must fix, each with its exit code.
 
-The exit codes are documented in docs/exit-codes.md; keep the two in step.
+The exit codes themselves are declared in watcher.limits (the exec path needs them too).
 """
 
 from __future__ import annotations
 
-EXIT_OK = 0
-EXIT_CHECK_FAILED = 1  # verify: not protected in time; doctor: a check failed
-EXIT_USAGE = 2  # bad option or configuration: the message says what to fix
-EXIT_NOT_FOUND = 3  # adjust/verify: no such process / no postmaster found
-EXIT_DENIED = 4  # the kernel refused the write (floor, missing capability)
-EXIT_NOT_POSTMASTER = 5  # adjust: the process failed the identity check (use --force)
-EXIT_SOURCE_UNAVAILABLE = 6  # the requested event source cannot work here
-EXIT_CANNOT_EXECUTE = 126  # exec: CMD found but not executable
-EXIT_COMMAND_NOT_FOUND = 127  # exec: CMD not found
+from watcher.limits import (
+    EXIT_DENIED,
+    EXIT_NOT_FOUND,
+    EXIT_NOT_POSTMASTER,
+    EXIT_SOURCE_UNAVAILABLE,
+    EXIT_USAGE,
+)
 
 
 class PgoomError(Exception):

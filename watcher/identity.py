@@ -161,15 +161,15 @@ def _is_live_postgres(procfs: ProcFS, other: int, pid: int, ns_pid: int) -> bool
     # In a nested PID namespace the file's PID is namespace-local: find the process that
     # carries it in the same namespace.
     try:
-        own_ns = os.readlink(procfs.path(pid, "ns/pid"))
-    except OSError:
+        own_ns = procfs.readlink(pid, "ns/pid")
+    except (OSError, ProcessGone, AccessDenied):
         return True  # cannot tell: assume the lock is held, never protect a second postmaster
     for candidate in procfs.pids():
         try:
             status = procfs.status(candidate)
             if _innermost_ns_pid(status, candidate) != other:
                 continue
-            if os.readlink(procfs.path(candidate, "ns/pid")) != own_ns:
+            if procfs.readlink(candidate, "ns/pid") != own_ns:
                 continue
             return status.get("Name") in POSTGRES_BINARIES
         except (OSError, ProcessGone, AccessDenied):

@@ -12,7 +12,7 @@ import sys
 
 def main() -> None:
     if sys.argv[1:2] == ["exec"]:
-        from watcher.entrypoint import main as exec_main
+        from watcher.exec.entrypoint import main as exec_main
 
         sys.exit(exec_main(sys.argv[2:]))
     from watcher.cli import run

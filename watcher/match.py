@@ -9,12 +9,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
+from watcher.limits import score_problem
 from watcher.parse import POSTGRES_BINARIES, PidFile, Stat, is_server_invocation
-
-DEFAULT_PATTERN = r"postgres -D /pgdata/pg"
-DEFAULT_SCORE = -900
-OOM_SCORE_ADJ_MIN = -1000
-OOM_SCORE_ADJ_MAX = 1000
 
 
 @dataclass(frozen=True)
@@ -156,7 +152,7 @@ def confirm(facts: Facts) -> Verdict:
     )
 
 
-# --- the seed's fallbacks and roles, over a snapshot of processes ------------------------
+# --- the fallbacks and the roles, over a snapshot of processes ---------------------------
 
 
 @dataclass(frozen=True)
@@ -229,8 +225,9 @@ def role_of(argv: list[str], is_postmaster: bool) -> str:
 
 
 def validate_score(value: int, option: str = "--score") -> int:
-    if not OOM_SCORE_ADJ_MIN <= value <= OOM_SCORE_ADJ_MAX:
+    problem = score_problem(value)
+    if problem:
         from watcher.errors import UsageError
 
-        raise UsageError(f"{option} {value} is out of range: use a value from -1000 to 1000")
+        raise UsageError(f"{option} {problem}")
     return value

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -20,6 +20,12 @@ from prometheus_client.registry import Collector
 
 from watcher import __version__
 from watcher.errors import UsageError
+from watcher.events import Adjusted, Exited, Notice, Ready, Rescanned
+from watcher.limits import GROUP_KILL_POLICIES
+from watcher.parse import parse_address
+
+if TYPE_CHECKING:
+    from watcher.engine import Engine
 
 # exec → oom_score_adj written: netlink measured p50 ~0.1 ms, inotify should stay under
 # 5 ms; the long tail goes up to the poll source's interval (30 s by default).
@@ -46,27 +52,15 @@ SOURCES = ("netlink", "inotify", "poll")
 LOST_STAT_KEYS = ("enobufs", "lost", "overflows")
 
 
-def parse_address(text: str) -> tuple[str, int]:
-    """'HOST:PORT', '[IPv6]:PORT' or ':PORT' (every interface) → (host, port)."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit() or int(port_text) > 65535:
-        raise UsageError(
-            f"--metrics-address {text!r} must be HOST:PORT, such as 127.0.0.1:9187 or [::1]:9187"
-        )
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise UsageError(
-            f"--metrics-address {text!r}: write an IPv6 address in brackets, [::1]:9187"
-        )
-    return host or "0.0.0.0", int(port_text)
+def _yes_no(value: Optional[bool]) -> str:
+    return "unknown" if value is None else ("yes" if value else "no")
 
 
 class EngineCollector(Collector):
     """Reads the engine's counters when Prometheus scrapes."""
 
     def __init__(self) -> None:
-        self.engine: Any = None  # set once the source is subscribed
+        self.engine: Optional[Engine] = None  # set once the source is subscribed
 
     def collect(self) -> Iterator[Metric]:
         engine = self.engine
@@ -112,6 +106,39 @@ class EngineCollector(Collector):
         protected.add_metric(["true"], ok)
         protected.add_metric(["false"], len(entries) - ok)
         yield protected
+
+        policy = GaugeMetricFamily(
+            "pgoom_group_kill_policy",
+            "1 for the --group-kill policy in force (auto, ungroup, keep).",
+            labels=["policy"],
+        )
+        in_force = engine.settings.group_kill.value
+        for name in GROUP_KILL_POLICIES:
+            policy.add_metric([name], 1 if name == in_force else 0)
+        yield policy
+
+        effective = GaugeMetricFamily(
+            "pgoom_protected_postmasters_group_kill",
+            "Protected postmasters by whether their memory cgroup kills as a group "
+            "(group_kill) and whether their score in force survives that (survives): "
+            "survives=no is a postmaster at its score that still dies in an OOM.",
+            labels=["group_kill", "survives"],
+        )
+        tally: dict[tuple[str, str], int] = {}
+        for entry in entries:
+            pair = (_yes_no(entry.group_kill), _yes_no(entry.survives_group_kill))
+            tally[pair] = tally.get(pair, 0) + 1
+        for (group_text, survives_text), count in sorted(tally.items()):
+            effective.add_metric([group_text, survives_text], count)
+        yield effective
+
+        kept_off = CounterMetricFamily(
+            "pgoom_children_off_minus_1000",
+            "Children found at -1000 beside a postmaster at -1000 and moved to the children "
+            "score (a child there would be unkillable).",
+        )
+        kept_off.add_metric([], counters.children_off_minus_1000)
+        yield kept_off
 
         active = GaugeMetricFamily(
             "pgoom_source_active", "1 for the event source in use.", labels=["source"]
@@ -179,21 +206,24 @@ class Metrics:
         self._server: Any = None
         self.bound: Optional[tuple[str, int]] = None
 
-    def on_event(self, name: str, fields: dict[str, Any]) -> None:
-        if name == "ready":
+    def __call__(self, notice: Notice) -> None:
+        """An Engine listener (watcher.events)."""
+        if isinstance(notice, Ready):
             self.ready.set(1)
-        elif name == "rescan":
-            self.rescans.labels(str(fields.get("reason", "unknown"))).inc()
-        elif name == "adjusted":
-            latency_us = fields.get("latency_us")
-            if latency_us is not None:
-                self.latency.labels(str(fields.get("source", ""))).observe(latency_us / 1e6)
-        elif name == "exited":
+        elif isinstance(notice, Rescanned):
+            self.rescans.labels(notice.reason).inc()
+        elif isinstance(notice, Adjusted):
+            if notice.latency_us is not None:
+                self.latency.labels(notice.source).observe(notice.latency_us / 1e6)
+        elif isinstance(notice, Exited):
             self.exits.inc()
 
     def serve(self, address: str) -> tuple[str, int]:
         """Listen on `address`; returns the bound (host, port) (port 0 picks a free one)."""
-        host, port = parse_address(address)
+        try:
+            host, port = parse_address(address)
+        except ValueError as err:
+            raise UsageError(f"--metrics-address {err}") from None
         try:
             self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
         except (OSError, socket.gaierror) as err:
@@ -209,9 +239,9 @@ class Metrics:
             self._server.server_close()
             self._server = None
 
-    def attach(self, engine: Any) -> None:
-        """Follow `engine`: its listener events, and its counters at every scrape."""
-        engine.listeners.append(self.on_event)
+    def attach(self, engine: Engine) -> None:
+        """Follow `engine`: its notices, and its counters at every scrape."""
+        engine.listeners.append(self)
         self.collector.engine = engine
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -88,11 +89,10 @@ def capability_set(fields: dict[str, str], name: str) -> int:
     return int(fields[name], 16)
 
 
-CAP_DAC_OVERRIDE = 1
-CAP_SETGID = 6
-CAP_SETUID = 7
-CAP_SYS_PTRACE = 19
-CAP_SYS_RESOURCE = 24
+def kernel_version(release: str) -> Optional[tuple[int, int]]:
+    """(major, minor) of a release as `uname -r` prints it; None when it does not start so."""
+    found = re.match(r"(\d+)\.(\d+)", release)
+    return (int(found[1]), int(found[2])) if found else None
 
 
 def has_capability(mask: int, cap: int) -> bool:
@@ -210,3 +210,29 @@ def conf_data_directory(text: str) -> Optional[str]:
             if value:
                 found = value
     return found
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """'HOST:PORT', '[IPv6]:PORT' or ':PORT' (every interface) -> (host, port). ValueError
+    says what is wrong, starting with the text."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"{text!r} must be HOST:PORT, such as 127.0.0.1:9187 or [::1]:9187")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{text!r}: write an IPv6 address in brackets, [::1]:9187")
+    return host or "0.0.0.0", int(port_text)
+
+
+def parse_meminfo(text: str) -> dict[str, int]:
+    """/proc/meminfo values in kB."""
+    values: dict[str, int] = {}
+    for line in text.splitlines():
+        key, sep, rest = line.partition(":")
+        if sep and rest.split():
+            try:
+                values[key] = int(rest.split()[0])
+            except ValueError:
+                continue
+    return values

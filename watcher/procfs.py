@@ -138,6 +138,19 @@ class ProcFS:
     def start_epoch_s(self, stat: Stat) -> float:
         return self.boot_time_s() + stat.starttime_ticks / CLOCK_TICKS
 
+    def exists(self, pid: int) -> bool:
+        """A cheap 'is /proc/<pid> there': no read, no parse."""
+        return os.path.exists(self.path(pid))
+
+    def rss_kib(self, pid: int) -> Optional[int]:
+        """Resident set size from status (VmRSS); None for a kernel thread (no VmRSS)."""
+        text = self.status(pid).get("VmRSS", "")
+        return int(text.split()[0]) if text.split() and text.split()[0].isdigit() else None
+
+    def read_system(self, name: str) -> str:
+        """A /proc file that belongs to no process: meminfo, sys/vm/overcommit_memory."""
+        return self.read_text("", name)
+
     def self_status(self) -> dict[str, str]:
         return self.status("self")
 

@@ -19,6 +19,8 @@ from typing import Any, Optional
 
 from loguru import logger
 
+from watcher.events import Adjusted, Exited, Failed, Notice, Ready
+
 
 def socket_address(value: str) -> Optional[str]:
     """The sendto() address for a $NOTIFY_SOCKET value; None if pgoom cannot use it."""
@@ -73,23 +75,20 @@ class Notifier:
     def status_line(self) -> str:
         return f"watching with source {self.source}; {self.protected} postmaster(s) protected"
 
-    def on_event(self, name: str, fields: dict[str, Any]) -> None:
-        """An Engine listener."""
-        if name == "ready":
-            self.source = str(fields.get("source", ""))
-            self.protected = int(fields.get("protected", 0))
+    def __call__(self, notice: Notice) -> None:
+        """An Engine listener (watcher.events)."""
+        if isinstance(notice, Ready):
+            self.source = notice.source
+            self.protected = notice.protected
             self.send(READY=1, STATUS=self.status_line(), MAINPID=os.getpid())
-        elif name in ("adjusted", "exited", "failed"):
-            engine_protected = fields.get("_protected")
-            if isinstance(engine_protected, int):
-                self.protected = engine_protected
-            if name == "failed":
-                self.send(
-                    STATUS=f"{self.status_line()}; cannot protect pid {fields.get('pid')}: "
-                    f"{fields.get('reason')}"
-                )
-            else:
-                self.send(STATUS=self.status_line())
+        elif isinstance(notice, (Adjusted, Exited)):
+            self.protected = notice.protected
+            self.send(STATUS=self.status_line())
+        elif isinstance(notice, Failed):
+            self.protected = notice.protected
+            self.send(
+                STATUS=f"{self.status_line()}; cannot protect pid {notice.pid}: {notice.reason}"
+            )
 
     def stopping(self) -> None:
         self.send(STOPPING=1, STATUS="stopping")
@@ -101,12 +100,3 @@ class Notifier:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-
-
-def attach_notifier(engine: Any, notifier: Notifier) -> None:
-    """Make `notifier` listen to `engine`; its STATUS counts the engine's protected set."""
-
-    def listener(name: str, fields: dict[str, Any]) -> None:
-        notifier.on_event(name, {**fields, "_protected": len(engine.protected)})
-
-    engine.listeners.append(listener)

@@ -83,6 +83,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--recovery-limit-s", type=float, default=Config.recovery_limit_s, help="protected runs"
     )
+    parser.add_argument(
+        "--group-kill",
+        choices=("auto", "ungroup", "keep"),
+        default=Config.group_kill,
+        help="pgoom watch --group-kill (what pgoom does where memory.oom.group=1)",
+    )
     args = parser.parse_args(argv)
     runs, baseline, storm = MODES[args.mode]
     args.runs = runs if args.runs is None else args.runs
@@ -140,6 +146,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         children_score=args.children_score,
         launcher_score=args.launcher_score,
         recovery_limit_s=args.recovery_limit_s,
+        group_kill=args.group_kill,
     )
     started = time.monotonic()
 

@@ -64,6 +64,7 @@ class Config:
     recovery_limit_s: float = 2.0
     protect_timeout_s: float = 10.0
     recovery_timeout_s: float = 30.0
+    group_kill: str = "auto"  # pgoom watch --group-kill
 
 
 @dataclass
@@ -97,6 +98,7 @@ class RunResult:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     view: str = "the harness's last look at /proc before the OOM"
+    oom_group_after: Optional[str] = None  # memory.oom.group after the run (v2): ungroup's work
 
     @property
     def rows_lost(self) -> Optional[int]:
@@ -206,6 +208,8 @@ class Harness:
                 # fallback (any postmaster, when no pattern matches) never triggers and
                 # other people's clusters on a shared host are left alone.
                 watcher = Watcher(
+                    "--group-kill",
+                    self.config.group_kill,
                     "--score",
                     str(self.config.score),
                     "--pattern",
@@ -478,6 +482,7 @@ class Harness:
             if monitor.kills == 0:
                 wait_for(lambda: monitor.kills > 0, 5, 0.01, what="an OOM kill")
             self.recover(cluster, run, pm, monitor, group)
+            run.oom_group_after = self._oom_group()
             self.collect_kills(
                 run, monitor, {**snap, **({hog.pid: ("hog", 0, 0.0)} if hog else {})}
             )
@@ -490,6 +495,13 @@ class Harness:
             if hog is not None and hog.poll() is None:
                 hog.kill()
                 hog.wait()
+
+    def _oom_group(self) -> Optional[str]:
+        try:
+            with open(f"{self.cgroup.path}/memory.oom.group") as f:
+                return f.read().strip()
+        except OSError:
+            return None  # v1, or a kernel without it
 
     def _fill(
         self,

@@ -6,16 +6,14 @@ import json
 import os
 import re
 import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
 
 from tests.support.pg import Cluster, Template, children_of, read_score, wait_for
+from tests.support.watcher import PGOOM
 
 pytestmark = pytest.mark.root
-
-PGOOM = [sys.executable, "-m", "watcher"]
 
 
 def pgoom(*args: str) -> subprocess.CompletedProcess[str]:
@@ -102,6 +100,17 @@ def test_status_json_roles_and_protection(running: tuple[Cluster, int, int]) -> 
     assert rows[pm]["protected"] is True
     # With the -900 default as the target, 0 is not protected enough.
     assert status_rows()[pm]["protected"] is False
+
+
+def test_status_pattern_decides_which_postmasters_are_judged(
+    running: tuple[Cluster, int, int],
+) -> None:
+    cluster, pm, _ = running
+    row = status_rows("--score", "0", "--pattern", "no-such-cluster")[pm]
+    assert row["role"] == "postmaster"
+    assert row["protected"] is None and row["note"] == "no --pattern covers it"
+    row = status_rows("--score", "0", "--pattern", re.escape(cluster.data_dir))[pm]
+    assert row["protected"] is (row["oom_score_adj"] == 0)
 
 
 def test_status_table(running: tuple[Cluster, int, int]) -> None:

@@ -12,22 +12,21 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Optional
 
 import pytest
 
 from tests.support.pg import children_of, ensure_pg_user, wait_for
+from tests.support.watcher import PGOOM
+from watcher.limits import CAP_DAC_OVERRIDE, CAP_SYS_RESOURCE
 
 pytestmark = pytest.mark.root
 
-PGOOM = [sys.executable, "-m", "watcher", "exec"]
+PGOOM_EXEC = [*PGOOM, "exec"]
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CAP_DAC_OVERRIDE = 1
-CAP_SYS_RESOURCE = 24
 
 # Runs as any user: records who it is, what it got and how it was started.
 PROBE = r"""
@@ -103,7 +102,7 @@ def run_exec(
             os.setresuid(uid, uid, uid)
 
     return subprocess.run(
-        [*(pgoom or PGOOM), *options, "--", *command],
+        [*(pgoom or PGOOM_EXEC), *options, "--", *command],
         check=False,
         env=env if env is not None else base_env(work),
         capture_output=True,
@@ -206,7 +205,7 @@ def test_argv_pid_and_signal_dispositions_pass_through(work: str) -> None:
     ensure_pg_user()
     args = ["a b", "", "--", "-x", "--user", "ü"]
     proc = subprocess.Popen(
-        [*PGOOM, "--no-watch", "--", *probe_cmd(work, *args)],
+        [*PGOOM_EXEC, "--no-watch", "--", *probe_cmd(work, *args)],
         env=base_env(work),
         stderr=subprocess.PIPE,
         text=True,
@@ -231,7 +230,7 @@ def test_cmd_inherits_no_ignored_signals(work: str) -> None:
 def test_options_before_command_without_double_dash(work: str) -> None:
     ensure_pg_user()
     done = subprocess.run(
-        [*PGOOM, "--no-watch", *probe_cmd(work, "--no-watch")],
+        [*PGOOM_EXEC, "--no-watch", *probe_cmd(work, "--no-watch")],
         check=False,
         env=base_env(work),
         capture_output=True,
@@ -271,7 +270,7 @@ def test_exit_status_passes_through(
 
 def test_killed_cmd_reads_as_128_plus_signal_in_a_shell(work: str) -> None:
     ensure_pg_user()
-    line = f"{' '.join(PGOOM)} --no-watch -- sh -c 'kill -KILL $$'; echo $?"
+    line = f"{' '.join(PGOOM_EXEC)} --no-watch -- sh -c 'kill -KILL $$'; echo $?"
     done = subprocess.run(
         ["sh", "-c", line],
         check=False,
@@ -289,7 +288,7 @@ def test_signals_reach_cmd(work: str) -> None:
     ready, got = os.path.join(work, "ready"), os.path.join(work, "got")
     script = f"trap 'echo TERM > {got}; exit 3' TERM; touch {ready}; while :; do sleep 0.05; done"
     proc = subprocess.Popen(
-        [*PGOOM, "--no-watch", "--", "sh", "-c", script], env=base_env(work), cwd="/"
+        [*PGOOM_EXEC, "--no-watch", "--", "sh", "-c", script], env=base_env(work), cwd="/"
     )
     try:
         wait_for(lambda: os.path.exists(ready), 15, what="CMD to start")
@@ -425,13 +424,31 @@ def stop_tagged(tag: str) -> None:
             pass
 
 
+def stopped(tag: str) -> bool:
+    """Kill what is left of the tagged processes; True once none is left."""
+    if not tagged(tag):
+        return True
+    stop_tagged(tag)
+    return False
+
+
+def another_monitor(tag: str, old: int) -> Callable[[], Optional[int]]:
+    """A condition: the monitor of `tag` is back, with a PID other than `old`."""
+
+    def found() -> Optional[int]:
+        new = monitor_of(tag)
+        return new if new is not None and new != old else None
+
+    return found
+
+
 def test_monitor_least_privilege_restarts_and_ends_with_cmd(work: str) -> None:
     ensure_pg_user()
     tag = uuid.uuid4().hex
     err_path = os.path.join(work, "stderr")
     with open(err_path, "w") as err:
         proc = subprocess.Popen(
-            [*PGOOM, "--score", "0", "--", "sleep", "120"],
+            [*PGOOM_EXEC, "--score", "0", "--", "sleep", "120"],
             env=base_env(work, PGOOM_TEST_TAG=tag),
             stderr=err,
             cwd="/",
@@ -499,7 +516,7 @@ def test_no_zombies_when_cmd_is_pid_1_and_never_reaps(work: str) -> None:
                 "--fork",
                 "--mount-proc",
                 "--kill-child",
-                *PGOOM,
+                *PGOOM_EXEC,
                 "--score",
                 "0",
                 "--",
@@ -522,11 +539,7 @@ def test_no_zombies_when_cmd_is_pid_1_and_never_reaps(work: str) -> None:
         assert children_of(cmd_pid) == [supervisor]  # reparented to PID 1 = CMD
         for _ in range(2):
             os.kill(monitor, signal.SIGKILL)
-            new = wait_for(
-                lambda old=monitor: (m := monitor_of(tag)) is not None and m != old and m,
-                20,
-                what="the monitor to come back",
-            )
+            new = wait_for(another_monitor(tag, monitor), 20, what="the monitor to come back")
             assert isinstance(new, int)
             assert state(monitor) is None
             monitor = new
@@ -534,14 +547,14 @@ def test_no_zombies_when_cmd_is_pid_1_and_never_reaps(work: str) -> None:
     finally:
         proc.kill()  # unshare --kill-child takes the namespace down with it
         proc.wait()
-        wait_for(lambda: not tagged(tag) or stop_tagged(tag), 10, what="namespace to end")
+        wait_for(lambda: stopped(tag), 10, what="namespace to end")
 
 
 def test_no_watch_starts_nothing(work: str) -> None:
     ensure_pg_user()
     tag = uuid.uuid4().hex
     proc = subprocess.Popen(
-        [*PGOOM, "--no-watch", "--", "sleep", "30"],
+        [*PGOOM_EXEC, "--no-watch", "--", "sleep", "30"],
         env=base_env(work, PGOOM_TEST_TAG=tag),
         cwd="/",
     )

@@ -32,7 +32,9 @@ from watcher.sources.inotify import InotifySource
 pytestmark = pytest.mark.root
 
 
-def drain(source: InotifySource, until: Callable[[list[Event]], bool], timeout_s: float = 5.0):
+def drain(
+    source: InotifySource, until: Callable[[list[Event]], bool], timeout_s: float = 5.0
+) -> list[Event]:
     """Collect events until `until(collected)` holds, waiting on the descriptor (bounded)."""
     collected: list[Event] = []
 

@@ -63,7 +63,7 @@ def watcher(tmp_path: Any, two_clusters: tuple[Cluster, Cluster]) -> Iterator[Wa
     # Two rules from a config file: one the kernel allows (0), one it refuses here (-900,
     # no CAP_SYS_RESOURCE): adjustments and failures both show.
     config = tmp_path / "pgoom.toml"
-    # fallback = false: with no rule matching yet, the seed's fallback would protect any
+    # fallback = false: with no rule matching yet, the fallback would protect any
     # other postmaster on the host and make the counts depend on what else runs here.
     config.write_text(
         "fallback = false\n\n"
@@ -108,6 +108,13 @@ def test_metrics_follow_the_engine(watcher: Watcher, two_clusters: tuple[Cluster
     assert value(after, "pgoom_failures_total", reason="denied") == 1
     assert value(after, "pgoom_protected_postmasters", score_ok="true") == 1
     assert value(after, "pgoom_protected_postmasters", score_ok="false") == 1
+    # This host's memory controller is cgroup v1: no group kill, nothing to survive.
+    assert value(after, "pgoom_group_kill_policy", policy="auto") == 1
+    assert value(after, "pgoom_group_kill_policy", policy="keep") == 0
+    assert (
+        value(after, "pgoom_protected_postmasters_group_kill", group_kill="no", survives="yes") == 2
+    )
+    assert value(after, "pgoom_children_off_minus_1000_total") == 0
     assert value(after, "pgoom_events_received_total") > value(
         before, "pgoom_events_received_total"
     )

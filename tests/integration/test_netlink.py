@@ -49,7 +49,7 @@ def run_true() -> int:
 
 def own_rules(cluster: Cluster) -> list[str]:
     """Rules that match only this test's cluster: other clusters on the host (other tests)
-    must not be touched. A --data-dir rule also keeps the seed's fallbacks from guessing."""
+    must not be touched. A --data-dir rule also keeps the fallbacks from guessing."""
     pattern = re.escape(f"postgres -D {cluster.data_dir}") + "(?: |$)"
     return ["--pattern", pattern, "--data-dir", cluster.data_dir]
 
@@ -265,6 +265,7 @@ def test_netlink_refused_in_a_net_namespace_and_auto_falls_back_to_inotify() -> 
 # --- overflow ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~19 s: tens of thousands of execs; skip with -m "not slow"
 def test_storm_with_a_small_buffer_forces_enobufs_and_a_postmaster_is_still_protected(
     make_cluster: MakeCluster,
 ) -> None:

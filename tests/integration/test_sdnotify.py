@@ -21,7 +21,7 @@ import pytest
 
 from tests.support.pg import Cluster, read_score, wait_for
 from tests.support.watcher import Watcher
-from watcher.errors import EXIT_SOURCE_UNAVAILABLE
+from watcher.limits import EXIT_SOURCE_UNAVAILABLE
 
 pytestmark = pytest.mark.root
 
@@ -144,6 +144,7 @@ def test_the_unit_file_verifies_clean(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed")
+    assert analyze is not None
     root = Path(__file__).resolve().parents[2]
     pgoom = Path(sys.executable).with_name("pgoom")
     if not pgoom.exists():

@@ -30,7 +30,8 @@ NOBODY = 65534
 
 def own_rules(*clusters: Cluster) -> list[str]:
     """A pattern and a data-dir rule per cluster: nothing else on the host matches, and a
-    data-dir rule keeps the seed's fallbacks (b)/(c) from guessing at other clusters."""
+    data-dir rule keeps the fallbacks (the parent of other postgres processes, the only
+    one) from guessing at other clusters."""
     args: list[str] = []
     for cluster in clusters:
         args += ["--pattern", re.escape(f"postgres -D {cluster.data_dir}") + "(?: |$)"]
@@ -67,7 +68,7 @@ def watchers() -> Iterator[list[Watcher]]:
     yield started
     codes = [w.stop() for w in started]
     for w in started:  # shown by pytest when the test failed
-        print(f"--- pgoom log ({' '.join(map(str, w.proc.args))}):\n{w.text()}")
+        print(f"--- pgoom log ({w.proc.args!r}):\n{w.text()}")
     for w in started:
         shutil.rmtree(w.log_dir, ignore_errors=True)
     assert codes == [0] * len(started)

@@ -6,15 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from watcher.config import (
-    DEFAULT_INTERVAL_S,
-    DEFAULT_LOG_FILE,
-    build_rules,
-    check_data_dir,
-    make_settings,
-)
-from watcher.errors import EXIT_USAGE, UsageError
-from watcher.match import DEFAULT_PATTERN, DEFAULT_SCORE
+from watcher.config import build_rules, check_data_dir, make_settings
+from watcher.errors import UsageError
+from watcher.limits import DEFAULT_PATTERN, DEFAULT_SCORE, EXIT_USAGE
+from watcher.options import DEFAULT_INTERVAL_S, DEFAULT_LOG_FILE
 
 
 def usage_error(**kwargs: object) -> str:
@@ -26,7 +21,7 @@ def usage_error(**kwargs: object) -> str:
     return message
 
 
-def test_defaults_are_the_seeds() -> None:
+def test_defaults_are_those_of_the_script_pgoom_replaces() -> None:
     settings = make_settings()
     assert settings.source == "auto"
     assert settings.interval_s == DEFAULT_INTERVAL_S == 30.0

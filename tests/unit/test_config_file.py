@@ -13,10 +13,10 @@ from typing import Optional
 import pytest
 from typer.main import get_command
 
-from watcher.cli import app, explicit_params, watch_params
+from watcher.cli import app, watch_args
 from watcher.config_file import Resolved, parse_config, resolve
-from watcher.errors import EXIT_USAGE, UsageError
-from watcher.match import DEFAULT_PATTERN, DEFAULT_SCORE
+from watcher.errors import UsageError
+from watcher.limits import DEFAULT_PATTERN, DEFAULT_SCORE, EXIT_USAGE
 
 
 def run_resolve(args: list[str], config: Optional[str] = None) -> Resolved:
@@ -24,7 +24,7 @@ def run_resolve(args: list[str], config: Optional[str] = None) -> Resolved:
     command = get_command(app).commands["watch"]  # type: ignore[attr-defined]
     full = [*args, "--config", config] if config is not None else [*args, "--config", ""]
     ctx = command.make_context("watch", full)
-    return resolve(watch_params(ctx), explicit_params(ctx))
+    return resolve(watch_args(ctx))
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -52,9 +52,9 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         ("score = -2000\n", 1, "score = -2000 is out of range"),
         ("score = true\n", 1, "score must be an integer, not True"),
         ("all = 1\n", 1, "all must be true or false, not 1"),
-        ("interval = 0\n", 1, "interval = 0: must be greater than 0"),
+        ("interval = 0\n", 1, "interval = 0 must be greater than 0"),
         ("interval = '5'\n", 1, "interval must be an integer or a number"),
-        ("metrics_address = 'localhost'\n", 1, "metrics_address 'localhost' must be HOST:PORT"),
+        ("metrics_address = 'localhost'\n", 1, "metrics_address = 'localhost' must be HOST:PORT"),
         ("[watch]\nscore = 0\n", 1, "unknown table [watch]"),
         ("score = 0\n\n[[rule]]\nscore = 0\n", 3, "needs exactly one of pattern"),
         (
@@ -107,7 +107,7 @@ def test_the_default_path_may_be_absent(monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.setattr("watcher.config_file.DEFAULT_CONFIG_PATH", str(tmp_path / "none.toml"))
     command = get_command(app).commands["watch"]  # type: ignore[attr-defined]
     ctx = command.make_context("watch", [])
-    resolved = resolve(watch_params(ctx), explicit_params(ctx))
+    resolved = resolve(watch_args(ctx))
     assert [r.pattern.pattern for r in resolved.settings.rules if r.pattern] == [DEFAULT_PATTERN]
     assert resolved.notes == ()
 
@@ -242,5 +242,5 @@ def test_root_refuses_a_file_others_can_write(tmp_path: Path) -> None:
 
 
 def test_an_unknown_log_level_is_a_usage_error() -> None:
-    with pytest.raises(UsageError, match=r"--log-level LOUD is unknown"):
+    with pytest.raises(UsageError, match=r"--log-level 'loud' is unknown"):
         run_resolve(["--log-level", "loud"])

@@ -7,33 +7,29 @@ import json
 
 import pytest
 
-from watcher.doctor import (
+from watcher.commands.doctor.checks import (
     FAIL,
     PASS,
     WARN,
     CheckResult,
     NamespaceFacts,
-    cgroup_dir,
+    PostmasterCgroup,
     decide_cap_dac_override,
     decide_cap_sys_resource,
     decide_kernel,
     decide_namespaces,
     decide_netlink,
-    decide_oom_group,
     decide_overcommit,
     decide_own_score,
+    decide_postmaster_cgroups,
     decide_swap,
     find_floor,
-    has_v1_memory,
-    kernel_version,
     namespace_verdicts,
-    parse_cgroup2_mount,
-    parse_cgroup_v2_path,
-    parse_meminfo,
     render,
     worst_exit_code,
 )
-from watcher.parse import CAP_DAC_OVERRIDE, CAP_SYS_RESOURCE
+from watcher.limits import CAP_DAC_OVERRIDE, CAP_SYS_RESOURCE
+from watcher.parse import kernel_version, parse_meminfo
 
 # CapEff/CapBnd of root on this machine kind: everything but CAP_SYS_RESOURCE (bit 24).
 FULL = (1 << 41) - 1
@@ -189,47 +185,46 @@ def test_namespaces_pid_ns_seen_through_host_proc() -> None:
     assert namespace_verdicts(facts)["pid"] is False
 
 
-CGROUP_V1 = """9:name=systemd:/
-4:memory:/process_api/5a4df193dc8112068844355e1e0f6d0c
-1:cpu,cpuacct:/
-0::/
-"""
-CGROUP_V2 = "0::/kubepods.slice/kubepods-burstable.slice/cri-containerd-abc.scope\n"
-MOUNTINFO = (
-    "25 30 0:22 / /proc rw,nosuid - proc proc rw\n"
-    "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n"
-)
-MOUNTINFO_CONTAINER = (
-    "700 690 0:30 /kubepods.slice/kubepods-burstable.slice/cri-containerd-abc.scope "
-    "/sys/fs/cgroup ro,nosuid - cgroup2 cgroup rw\n"
-)
+def _pm(group: object, adj: int, writable: bool = False, version: int = 2) -> PostmasterCgroup:
+    cgroup = {
+        "version": version,
+        "path": "/kubepods.slice/pod/ctr",
+        "group_kill": group,
+        "group_kill_at": "/sys/fs/cgroup/kubepods.slice/pod/ctr" if group else None,
+    }
+    survives = True if adj == -1000 or group is False else (None if group is None else False)
+    return PostmasterCgroup(42, adj, cgroup, survives, writable)
 
 
-def test_cgroup_parsers() -> None:
-    assert parse_cgroup_v2_path(CGROUP_V1) == "/"
-    assert has_v1_memory(CGROUP_V1)
-    assert not has_v1_memory(CGROUP_V2)
-    assert parse_cgroup_v2_path("4:memory:/x\n") is None
-    assert parse_cgroup2_mount(MOUNTINFO) == ("/", "/sys/fs/cgroup/unified")
-    assert parse_cgroup2_mount("25 30 0:22 / /proc rw - proc proc rw\n") is None
-    assert parse_cgroup2_mount("1 2 0:3 / /mnt/a\\040b rw - cgroup2 c rw\n") == ("/", "/mnt/a b")
+def test_postmaster_cgroups_none_running() -> None:
+    assert decide_postmaster_cgroups([], True).status == PASS
 
 
-def test_cgroup_dir_inside_a_container_without_cgroupns() -> None:
-    root, point = parse_cgroup2_mount(MOUNTINFO_CONTAINER) or ("", "")
-    path = parse_cgroup_v2_path(CGROUP_V2) or ""
-    assert cgroup_dir(path, root, point) == "/sys/fs/cgroup"
-    assert cgroup_dir("/a/b", "/", "/sys/fs/cgroup") == "/sys/fs/cgroup/a/b"
+def test_postmaster_cgroups_v1_and_no_group_kill_pass() -> None:
+    result = decide_postmaster_cgroups([_pm(False, -900, version=1)], False)
+    assert result.status == PASS and "cgroup v1" in result.detail
+    assert decide_postmaster_cgroups([_pm(False, -900)], False).status == PASS
 
 
-def test_oom_group() -> None:
-    v1 = decide_oom_group(None, "this process", True, -900)
-    assert v1.status == PASS and "cgroup v1" in v1.detail
-    assert decide_oom_group(None, "x", False, -900).status == PASS
-    assert decide_oom_group("0\n", "x", False, -900).status == PASS
-    group = decide_oom_group("1\n", "/sys/fs/cgroup/pod", False, -900)
-    assert group.status == WARN and "-1000" in group.detail and "--score -1000" in group.fix
-    assert decide_oom_group("1\n", "x", False, -1000).status == PASS
+def test_postmaster_cgroups_group_kill_at_minus_900_fails_with_what_can_fix_it() -> None:
+    result = decide_postmaster_cgroups([_pm(True, -900)], True)
+    assert result.status == FAIL
+    assert "pid 42" in result.detail and "dies in a group kill" in result.detail
+    assert "--group-kill auto can set -1000" in result.detail
+    assert "--group-kill" in result.fix
+    none = decide_postmaster_cgroups([_pm(True, -900)], False)
+    assert "neither -1000" in none.detail
+    assert "ungroup can write" in decide_postmaster_cgroups([_pm(True, -900, True)], False).detail
+
+
+def test_postmaster_cgroups_minus_1000_survives() -> None:
+    result = decide_postmaster_cgroups([_pm(True, -1000)], True)
+    assert result.status == PASS and "-1000 survives" in result.detail
+
+
+def test_postmaster_cgroups_not_visible_warns() -> None:
+    result = decide_postmaster_cgroups([_pm(None, -900)], True)
+    assert result.status == WARN and "not visible" in result.detail
 
 
 MEMINFO_NO_SWAP = (

@@ -10,9 +10,10 @@ import sys
 
 import pytest
 
-from watcher.entrypoint import DEFAULT_SCORE, Usage, parse_args
-from watcher.monitor import monitor_argv
-from watcher.privileges import Account, PrivilegeError, resolve_user, user_environment
+from watcher.exec.entrypoint import Usage, parse_args
+from watcher.exec.privileges import Account, PrivilegeError, resolve_user, user_environment
+from watcher.exec.supervisor import monitor_argv
+from watcher.limits import DEFAULT_SCORE
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PYTHON39 = "/root/.pyenv/versions/3.9.18/bin/python3.9"
@@ -158,7 +159,7 @@ def _imports_of_exec(python: str) -> set[str]:
 
 def test_exec_path_imports_nothing_heavy() -> None:
     modules = _imports_of_exec(sys.executable)
-    assert "watcher.entrypoint" in modules
+    assert "watcher.exec.entrypoint" in modules
     heavy = sorted(m for m in modules if m.split(".")[0] in HEAVY or m in HEAVY)
     assert heavy == []
     assert "dataclasses" not in modules  # ~10 ms with inspect and ast
@@ -168,4 +169,4 @@ def test_exec_path_imports_nothing_heavy() -> None:
 def test_exec_path_runs_on_python_39() -> None:
     """The Percona base's python3 is 3.9: the start path must run there on the stdlib."""
     modules = _imports_of_exec(PYTHON39)
-    assert "watcher.privileges" in modules
+    assert "watcher.exec.privileges" in modules

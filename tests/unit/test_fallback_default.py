@@ -1,4 +1,4 @@
-"""The seed's fallbacks (parent of postgres processes, the only postgres process) guess, so
+"""The fallbacks (parent of postgres processes, the only postgres process) guess, so
 they are on only while the operator has not named what to protect."""
 
 from __future__ import annotations

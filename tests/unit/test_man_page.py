@@ -1,4 +1,4 @@
-"""pgoom(1) and the reference pages stay true: every exit code in watcher/errors.py and
+"""pgoom(1) and the reference pages stay true: every exit code in watcher/limits.py and
 every `pgoom watch` option (and its PGOOM_* variable, and every config-file key) is
 documented."""
 
@@ -12,14 +12,14 @@ import pytest
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from watcher import errors
+from watcher import limits
 from watcher.cli import app
-from watcher.config_file import OPTION_TYPES, RULE_TYPES
+from watcher.options import FILE_KEYS, RULE_KEYS
 
 ROOT = Path(__file__).resolve().parents[2]
 EXIT_CODES = {
     name: value
-    for name, value in vars(errors).items()
+    for name, value in vars(limits).items()
     if name.startswith("EXIT_") and isinstance(value, int)
 }
 
@@ -96,7 +96,7 @@ def test_every_variable_is_in_the_configuration_reference(envvar: str) -> None:
     assert f"`{envvar}`" in configuration_md(), f"add {envvar} to docs/configuration.md"
 
 
-@pytest.mark.parametrize("key", sorted({*OPTION_TYPES, *RULE_TYPES}))
+@pytest.mark.parametrize("key", sorted({*FILE_KEYS, *RULE_KEYS}))
 def test_every_config_key_is_in_the_configuration_reference(key: str) -> None:
     assert f"`{key}`" in configuration_md(), f"add the key {key} to docs/configuration.md"
 

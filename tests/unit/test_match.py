@@ -9,8 +9,8 @@ import pytest
 
 from tests.unit.fakeproc import load
 from watcher.errors import UsageError
+from watcher.limits import DEFAULT_PATTERN
 from watcher.match import (
-    DEFAULT_PATTERN,
     Facts,
     ProcInfo,
     Rule,
@@ -244,7 +244,7 @@ def test_confirm_rejects_an_unstatable_data_dir() -> None:
     assert verdict.reason.startswith("cannot stat data directory")
 
 
-# --- the seed's fallbacks (b) and (c) ----------------------------------------------------
+# --- the fallbacks: the parent of postgres processes, the only postgres process -----------
 
 
 def procinfo(name: str) -> ProcInfo:

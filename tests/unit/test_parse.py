@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tests.unit.fakeproc import load, sample_names
+from watcher.limits import CAP_SYS_RESOURCE
 from watcher.parse import (
-    CAP_SYS_RESOURCE,
     binary_name,
     capability_set,
     data_dir_from_argv,

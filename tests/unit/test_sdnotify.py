@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from watcher.events import Adjusted, Failed, Ready
 from watcher.sdnotify import Notifier, socket_address
 
 
@@ -50,16 +51,16 @@ def test_without_notify_socket_nothing_is_sent() -> None:
 def test_ready_and_status_reach_a_path_socket(receiver: tuple[socket.socket, str]) -> None:
     sock, path = receiver
     notifier = Notifier({"NOTIFY_SOCKET": path})
-    notifier.on_event("ready", {"source": "netlink", "protected": 2})
+    notifier(Ready(source="netlink", protected=2))
     fields = parse(sock.recv(4096))
     assert fields["READY"] == "1"
     assert fields["STATUS"] == "watching with source netlink; 2 postmaster(s) protected"
     assert fields["MAINPID"] == str(os.getpid())
-    notifier.on_event("adjusted", {"pid": 42, "_protected": 3})
+    notifier(Adjusted(42, None, 1000, -900, "netlink", 1, "pattern", protected=3))
     assert parse(sock.recv(4096)) == {
         "STATUS": "watching with source netlink; 3 postmaster(s) protected"
     }
-    notifier.on_event("failed", {"pid": 43, "reason": "denied", "_protected": 3})
+    notifier(Failed(43, 1, None, reason="denied", message="refused", protected=3))
     assert "cannot protect pid 43: denied" in parse(sock.recv(4096))["STATUS"]
     notifier.stopping()
     assert parse(sock.recv(4096)) == {"STOPPING": "1", "STATUS": "stopping"}

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from tests.unit.fakeproc import FakeProc, pidfile_text
-from watcher.errors import EXIT_CHECK_FAILED, EXIT_NOT_FOUND, EXIT_OK, UsageError
-from watcher.verify import verify_postmasters
+from watcher.commands.verify import verify_postmasters
+from watcher.errors import UsageError
+from watcher.limits import EXIT_CHECK_FAILED, EXIT_NOT_FOUND, EXIT_OK
 
 ME = os.getuid()
 
@@ -109,7 +110,7 @@ def test_look_alike_script_is_not_a_postmaster(tree: FakeProc) -> None:
 def test_postmaster_owned_by_someone_else_is_not_accepted(tree: FakeProc) -> None:
     # The data directory belongs to the test's uid, the process claims another uid.
     other = 65534 if ME != 65534 else 65533
-    postmaster(tree, adj=0, uid=other)  # type: ignore[arg-type]
+    postmaster(tree, adj=0, uid=other)
     assert verify(tree)[0] == EXIT_NOT_FOUND
 
 

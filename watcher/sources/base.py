@@ -45,6 +45,9 @@ Event = Union[Examine, Forked, Rescan]
 
 class Source(Protocol):
     name: str
+    # True when the source announces forks (Forked events): the engine then needs no
+    # periodic scan for the children of protected postmasters.
+    reports_forks: bool
 
     def open(self) -> None:
         """Subscribe. Raises SourceUnavailable with the reason if this source cannot work

@@ -34,7 +34,7 @@ from loguru import logger
 
 from watcher.errors import AccessDenied, SourceUnavailable
 from watcher.parse import parse_postmaster_pid
-from watcher.procfs import read_file_text
+from watcher.procfs import ProcFS, read_file_text
 from watcher.sources.base import Event, Examine, Rescan
 
 # <sys/inotify.h>; the values are part of the kernel ABI.
@@ -209,9 +209,10 @@ class _DataDir:
 
 class InotifySource:
     name = "inotify"
+    reports_forks = False
 
     def __init__(self, data_dirs: list[str], proc_root: str = "/proc") -> None:
-        self.proc_root = proc_root
+        self.procfs = ProcFS(proc_root)
         self._dirs: dict[str, _DataDir] = {}
         for path in data_dirs:
             self._remember(path)
@@ -360,7 +361,7 @@ class InotifySource:
         if pidfile is None:
             return []  # empty or half-written: the next IN_MODIFY comes back here
         state.done_generation = state.generation
-        if not os.path.exists(f"{self.proc_root}/{pidfile.pid}"):
+        if not self.procfs.exists(pidfile.pid):
             # Written just now by a process we cannot see: the postmaster lives in another
             # PID namespace and the file holds its namespace-local PID. Scan instead.
             return self._rescan(f"{path} names pid {pidfile.pid}, which is not visible here")

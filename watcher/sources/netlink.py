@@ -4,7 +4,7 @@ every exec (and, with --children-score, every fork) as it happens.
 Setup goes through pyroute2 (socket, bind, control messages); the hot path does not. Why,
 measured on this project's machine kind with pyroute2 0.9.7 (docs/benchmarks.md, netlink):
 - `ProcEventSocket.get()` costs ~10x the CPU of a struct decode (12.1 s vs 1.3 s for 60k
-  events; scripts/bench_netlink.py: 150-200 us vs 4-6 us per event draining a backlog): in
+  events; scripts/benchmarks/netlink.py: 150-200 us vs 4-6 us per event draining a backlog): in
   a fork storm the watcher would fall behind and overflow its buffer;
 - it must be called from the thread that created the socket;
 - it buffers messages internally, so select() on its descriptor can report "idle" while
@@ -34,7 +34,6 @@ import importlib
 import importlib.util
 import os
 import random
-import re
 import socket
 import struct
 import sys
@@ -46,6 +45,8 @@ from typing import Any, Optional, Union
 from loguru import logger
 
 from watcher.errors import SourceUnavailable
+from watcher.limits import PROC_INPUT_KERNEL
+from watcher.parse import kernel_version
 from watcher.sources.base import Event, Examine, Forked, Rescan
 
 # include/uapi/linux/connector.h, cn_proc.h
@@ -155,8 +156,8 @@ def _decode_into(data: Union[bytes, bytearray, memoryview], nbytes: int, out: li
 
 def kernel_filters_events(release: str) -> bool:
     """proc_input filtering exists since Linux 6.6 (`release` as in uname -r)."""
-    found = re.match(r"(\d+)\.(\d+)", release)
-    return found is not None and (int(found[1]), int(found[2])) >= (6, 6)
+    version = kernel_version(release)
+    return version is not None and version >= PROC_INPUT_KERNEL
 
 
 def _pyroute2_connector() -> tuple[Any, Any, Any]:
@@ -248,6 +249,7 @@ def _open_socket() -> socket.socket:
 
 class NetlinkSource:
     name = "netlink"
+    reports_forks = True
 
     def __init__(self, rcvbuf_bytes: int, ack_timeout_s: float, want_forks: bool = False) -> None:
         self.rcvbuf_bytes = rcvbuf_bytes

@@ -11,24 +11,23 @@ from __future__ import annotations
 
 from typing import Optional
 
-import psutil
-
+from watcher.procfs import ProcFS
 from watcher.sources.base import Event, Examine
 
 
 class PollSource:
     name = "poll"
+    reports_forks = False
 
     def __init__(self, interval_s: float, proc_root: str = "/proc") -> None:
         self.interval_s = interval_s
-        self.proc_root = proc_root
+        self.procfs = ProcFS(proc_root)
         self._seen: set[int] = set()
         self._young: set[int] = set()  # new on the previous tick: one more look
         self._scans = 0
 
     def open(self) -> None:
-        psutil.PROCFS_PATH = self.proc_root
-        self._seen = set(psutil.pids())  # the engine's start-up scan covers these
+        self._seen = set(self.procfs.pids())  # the engine's start-up scan covers these
 
     def fileno(self) -> Optional[int]:
         return None
@@ -38,7 +37,7 @@ class PollSource:
 
     def read(self) -> list[Event]:
         self._scans += 1
-        now = set(psutil.pids())
+        now = set(self.procfs.pids())
         new = now - self._seen
         again = self._young & now
         self._seen = now

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 
 from tests.support.pg import Cluster, Template, children_of, wait_for
 
@@ -26,6 +27,11 @@ KEEP_ENV = ("PGDATA", "PG_OOM_ADJUST_FILE", "PG_OOM_ADJUST_VALUE", "LANG")
 def _read(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
+
+
+def renamed(pid: int, comm: str) -> Callable[[], bool]:
+    """A condition: process `pid` now calls itself `comm`."""
+    return lambda: _read(f"/proc/{pid}/comm") == f"{comm}\n".encode()
 
 
 def _link(path: str) -> str | None:
@@ -117,7 +123,7 @@ def capture_hostile() -> None:
         ("hostile_newline", "a b\nc) R 9", "my prog\nwith ) newline"),
     ):
         proc = subprocess.Popen([argv0, "-c", code, comm], executable=sys.executable)
-        wait_for(lambda p=proc, c=comm: _read(f"/proc/{p.pid}/comm") == f"{c}\n".encode(), 5)
+        wait_for(renamed(proc.pid, comm), 5)
         save(name, proc.pid, f"comm {comm!r}")
         procs.append(proc)
     for proc in procs:

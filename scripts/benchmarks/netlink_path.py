@@ -5,7 +5,7 @@ A NetlinkSource and an Engine run in this process; for each real postmaster star
 engine's examine() of its exec event is timed, with every /proc access and the identity and
 adjustment steps timed inside it. Run at SCHED_FIFO so that other tasks do not delay it:
 
-    chrt -f 1 .venv/bin/python scripts/bench_netlink_path.py --starts 10     # root
+    chrt -f 1 .venv/bin/python scripts/benchmarks/netlink_path.py --starts 10     # root
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 from loguru import logger  # noqa: E402
 
 import watcher.adjust  # noqa: E402
+import watcher.discover  # noqa: E402
 import watcher.engine  # noqa: E402
 import watcher.identity  # noqa: E402
 from tests.support.pg import Cluster, Template  # noqa: E402
@@ -59,7 +60,7 @@ def main() -> None:
     timed(ProcFS, "write_oom_score_adj", lambda a: "write")
     timed(watcher.identity, "is_postgres_server", lambda a: "exe-content")
     timed(watcher.identity, "read_file_text", lambda a: "postmaster.pid")
-    timed(watcher.engine, "inspect", lambda a: "INSPECT")
+    timed(watcher.discover, "inspect", lambda a: "INSPECT")
     timed(watcher.adjust.Adjuster, "set_score", lambda a: "SET_SCORE")
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     template = Template()

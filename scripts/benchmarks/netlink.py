@@ -3,16 +3,17 @@
 
 Run as root from the repository (PostgreSQL from scripts/setup.sh):
 
-    .venv/bin/python scripts/bench_netlink.py            # everything, ~3-4 minutes
-    .venv/bin/python scripts/bench_netlink.py --only cpu # one part: latency|poll|cpu|storm|idle
+    .venv/bin/python scripts/benchmarks/netlink.py            # everything, ~3-4 minutes
+    .venv/bin/python scripts/benchmarks/netlink.py --only cpu  # latency|poll|cpu|storm|idle
 
 Parts:
 - latency: real `pgoom watch --source netlink --score 0` against real postmaster starts;
   the figure is the watcher's own `latency_us` (kernel exec timestamp, CLOCK_MONOTONIC, to
   oom_score_adj written and read back), cross-checked by reading the score.
-- poll: the seed's 30 s poll as the baseline: its distribution is computed (a start lands
-  uniformly inside the interval) and confirmed by a shorter-interval run measured from the
-  start of the postmaster to its score changing, scaled to 30 s.
+- poll: the 30 s poll of the script pgoom replaces, as the baseline: its distribution is
+  computed (a start lands uniformly inside the interval) and confirmed by a
+  shorter-interval run measured from the start of the postmaster to its score changing,
+  scaled to 30 s.
 - cpu: the same exec storm read at once by three subscribers, each in its own process:
   pyroute2's ProcEventSocket.get(), our raw reader on the same unfiltered stream, and our
   reader as pgoom runs it (exec-only kernel filter on 6.6+). CPU seconds per event.
@@ -39,7 +40,7 @@ import time
 from collections.abc import Iterator
 from typing import Any, Optional
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 from tests.support.pg import Cluster, Template, read_score, wait_for  # noqa: E402
@@ -171,7 +172,7 @@ def bench_latency(template: Template, starts: int, nice: str = "0") -> dict[str,
                 stop(cluster)
             wait_for(lambda: len(latencies_from_log(watcher.text())) >= starts - missing, 10)
             logged = latencies_from_log(watcher.text())
-            seen = [float(logged[p]) for p in pids if logged.get(p) is not None]
+            seen = [float(v) for p in pids if (v := logged.get(p)) is not None]
     finally:
         cluster.destroy()
     print(
@@ -270,7 +271,7 @@ def reader_main(kind: str, out_path: str) -> None:
         import watcher.sources.netlink as nl
 
         if kind == "raw-unfiltered":
-            nl.kernel_filters_events = lambda _release: False  # the same stream as pyroute2
+            nl.kernel_filters_events = lambda release: False  # the same stream as pyroute2
         source = nl.NetlinkSource(rcvbuf_bytes=256 << 20, ack_timeout_s=1.0)
         source.open()
         fd = source.fileno()
@@ -329,7 +330,8 @@ def run_readers(execs: int, backlog: bool) -> dict[str, dict[str, Any]]:
             cwd=ROOT,
         )
     for kind in READER_KINDS:  # subscribed (a loaded host can take seconds to start them)
-        wait_for(lambda k=kind: os.path.exists(outs[k] + ".ready"), 120, 0.05, what=kind)
+        ready = outs[kind] + ".ready"
+        wait_for(lambda: os.path.exists(ready), 120, 0.05, what=kind)  # noqa: B023
         os.unlink(outs[kind] + ".ready")
     if backlog:
         for proc in readers.values():
@@ -349,7 +351,8 @@ def run_readers(execs: int, backlog: bool) -> dict[str, dict[str, Any]]:
     for group in groups:
         if backlog:
             readers[group[0]].send_signal(signal.SIGCONT)
-        wait_for(lambda g=group: idle([readers[k].pid for k in g]), 600, 0, what="drained")
+        pids_of_group = [readers[k].pid for k in group]
+        wait_for(lambda: idle(pids_of_group), 600, 0, what="drained")  # noqa: B023
         for kind in group:
             readers[kind].send_signal(signal.SIGTERM)
             readers[kind].wait(timeout=30)
@@ -410,7 +413,7 @@ def bench_storm(template: Template, execs: int, postmasters: int) -> dict[str, A
             logged = latencies_from_log(log)
             missed = sum(1 for p in pids if logged.get(p) is None)
             enobufs = log.count("ENOBUFS")
-            latency = [float(logged[p]) for p in pids if logged.get(p) is not None]
+            latency = [float(v) for p in pids if (v := logged.get(p)) is not None]
     finally:
         cluster.destroy()
     del t_storm
@@ -428,7 +431,7 @@ def bench_idle(idle_s: float) -> dict[str, Any]:
     from watcher.sources.netlink import NetlinkSource
 
     # Nothing to protect (a data-dir rule for a directory that does not exist also keeps the
-    # seed's fallbacks from adopting other postmasters on the host): no verify timer either.
+    # fallbacks from adopting other postmasters on the host): no verify timer either.
     nothing = ["--pattern", "^no-such-postmaster$", "--data-dir", "/nonexistent/pgoom-bench-idle"]
     with watching("--source", "netlink", "--score", "0", *nothing) as w:
         time.sleep(1.0)  # settle after start-up
@@ -511,7 +514,7 @@ def rss_breakdown() -> None:
         "typer",
         "watcher.cli",
         "watcher.engine",
-        "watcher.watch",
+        "watcher.commands.watch",
         "watcher.sources.netlink",
     ]
     out = subprocess.run(

@@ -28,7 +28,7 @@ import signal
 import sys
 import time
 
-from watcher.privileges import (
+from watcher.exec.privileges import (
     MONITOR_CAPS,
     TYPE_CHECKING,
     PrivilegeError,
@@ -37,8 +37,9 @@ from watcher.privileges import (
     set_parent_death_signal,
     set_process_name,
 )
+from watcher.limits import EXIT_USAGE  # a configuration error: restarting cannot help
 
-if TYPE_CHECKING:  # no typing import on the start path (see watcher.privileges)
+if TYPE_CHECKING:  # no typing import on the start path (see watcher.exec.privileges)
     from typing import Optional
 
 LOCK_ENV = "PGOOM_MONITOR_LOCK"
@@ -48,7 +49,6 @@ BACKOFF_MAX_S = 60.0
 HEALTHY_AFTER_S = 60.0  # a monitor that ran this long restarts at the first backoff again
 STOP_GRACE_S = 5.0
 POLL_S = 1.0  # without pidfds
-EXIT_USAGE = 2  # watcher.errors.EXIT_USAGE: a configuration error, restarting cannot help
 
 
 class AlreadyRunning(Exception):

@@ -1,39 +1,29 @@
-"""`pgoom doctor`: can pgoom protect a postmaster here, and if not, what must change.
-
-Each check gathers a few facts (the only I/O), then a pure function decides pass, warn or
-fail and words the fix. Exit status (docs/doctor.md): 0 when nothing failed (warnings
-included: they name a degraded but working setup), 1 (EXIT_CHECK_FAILED) when a check
-failed: pgoom cannot reach the target score, or cannot learn of postmasters at all.
-"""
+"""`pgoom doctor`'s decisions: pure functions from the facts gathered (watcher.commands.doctor)
+to pass, warn or fail, each with the fix worded; and the report."""
 
 from __future__ import annotations
 
 import json
-import os
-import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Any, Optional
 
-from loguru import logger
-
-from watcher.errors import EXIT_CHECK_FAILED, EXIT_OK, AccessDenied, PgoomError, ProcessGone
-from watcher.match import validate_score
-from watcher.parse import (
+from watcher.limits import (
     CAP_DAC_OVERRIDE,
     CAP_SYS_RESOURCE,
-    capability_set,
-    has_capability,
-    parse_stat,
-    status_uids,
+    EXIT_CHECK_FAILED,
+    EXIT_OK,
+    OOM_SCORE_ADJ_MAX,
+    OOM_SCORE_ADJ_MIN,
+    PROC_INPUT_KERNEL,
 )
-from watcher.procfs import ProcFS
+from watcher.parse import (
+    has_capability,
+    kernel_version,
+)
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
 _RANK = {PASS: 0, WARN: 1, FAIL: 2}
-OOM_SCORE_ADJ_MIN = -1000
-OOM_SCORE_ADJ_MAX = 1000
-FILTER_KERNEL = (6, 6)  # proc connector: proc_input filtering, LISTEN without CAP_NET_ADMIN
 INIT_USER_NS_UID_MAP = ("0", "0", "4294967295")  # the identity map only init_user_ns has
 
 CAP_FIX = (
@@ -54,11 +44,6 @@ class CheckResult:
 # --- pure decisions -----------------------------------------------------------------------
 
 
-def kernel_version(release: str) -> Optional[tuple[int, int]]:
-    found = re.match(r"(\d+)\.(\d+)", release)
-    return (int(found[1]), int(found[2])) if found else None
-
-
 def decide_kernel(release: str) -> CheckResult:
     version = kernel_version(release)
     if version is None:
@@ -68,7 +53,7 @@ def decide_kernel(release: str) -> CheckResult:
             f"cannot parse kernel release {release!r}",
             "check `uname -r`; pgoom expects Linux 6.6 or later",
         )
-    if version >= FILTER_KERNEL:
+    if version >= PROC_INPUT_KERNEL:
         return CheckResult(
             "kernel",
             PASS,
@@ -296,93 +281,70 @@ def decide_own_score(own: int, floor: int, score: int) -> CheckResult:
     )
 
 
-def parse_cgroup_v2_path(text: str) -> Optional[str]:
-    """The unified-hierarchy path ('0::/path') from /proc/<pid>/cgroup."""
-    for line in text.splitlines():
-        if line.startswith("0::"):
-            return line[3:] or "/"
-    return None
+@dataclass(frozen=True)
+class PostmasterCgroup:
+    """What the group-kill check knows of one running postmaster (gathered by
+    _check_postmaster_cgroups through watcher.memcg, decided here)."""
+
+    pid: int
+    oom_score_adj: Optional[int]
+    cgroup: dict[str, Any]  # watcher.policy.describe()["cgroup"]
+    survives: Optional[bool]  # watcher.groupkill.survives_group_kill
+    oom_group_writable: bool  # its memory.oom.group can be written from here (ungroup)
 
 
-def has_v1_memory(text: str) -> bool:
-    for line in text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) == 3 and parts[0] != "0" and "memory" in parts[1].split(","):
-            return True
-    return False
-
-
-def parse_cgroup2_mount(mountinfo: str) -> Optional[tuple[str, str]]:
-    """(root inside the hierarchy, mount point) of the first cgroup2 mount."""
-    for line in mountinfo.splitlines():
-        left, sep, right = line.partition(" - ")
-        if not sep or not right.startswith("cgroup2 "):
+def decide_postmaster_cgroups(found: list[PostmasterCgroup], can_lower_to_min: bool) -> CheckResult:
+    """The postmasters' memory cgroups, not the doctor's own: does each survive a group
+    kill at the score it has now, and can pgoom's policies make it survive?"""
+    name = "memory.oom.group"
+    if not found:
+        return CheckResult(
+            name, PASS, "no postmaster running: nothing to check (run doctor again once one is)"
+        )
+    parts: list[str] = []
+    status = PASS
+    fixes: list[str] = []
+    for item in found:
+        cg = item.cgroup
+        where = cg.get("group_kill_at") or cg.get("path") or "no memory cgroup"
+        version = cg.get("version")
+        score = "?" if item.oom_score_adj is None else str(item.oom_score_adj)
+        head = f"postmaster pid {item.pid} at {score}, cgroup v{version} {cg.get('path')}"
+        if cg.get("group_kill") is False:
+            detail = "no group kill (cgroup v1)" if version == 1 else "no group kill"
+            parts.append(f"{head}: {detail}")
             continue
-        fields = left.split()
-        if len(fields) >= 5:
-            return _unescape(fields[3]), _unescape(fields[4])
-    return None
-
-
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
-
-
-def cgroup_dir(cgroup_path: str, mount_root: str, mount_point: str) -> str:
-    """Where the cgroup `cgroup_path` appears under `mount_point` (a container's cgroup2
-    mount may start below the hierarchy's root)."""
-    rel = cgroup_path
-    if mount_root != "/" and (rel == mount_root or rel.startswith(mount_root + "/")):
-        rel = rel[len(mount_root) :]
-    rel = rel.strip("/")
-    return f"{mount_point.rstrip('/')}/{rel}" if rel else mount_point
-
-
-def decide_oom_group(
-    oom_group: Optional[str], where: str, v1_memory: bool, score: int
-) -> CheckResult:
-    if oom_group is None:
-        detail = (
-            "not applicable: the memory controller is on cgroup v1 here (a memcg OOM kills one "
-            "task; no group kill)"
-            if v1_memory
-            else f"not applicable: no memory.oom.group for {where} (no cgroup v2 memory controller)"
+        if item.survives:
+            parts.append(f"{head}: kills as a group ({where}), -1000 survives it")
+            continue
+        can = []
+        if can_lower_to_min:
+            can.append("--group-kill auto can set -1000 (CAP_SYS_RESOURCE present)")
+        if item.oom_group_writable:
+            can.append("--group-kill ungroup can write memory.oom.group=0 here")
+        if not can:
+            can.append(
+                "neither -1000 (no CAP_SYS_RESOURCE) nor memory.oom.group=0 (not writable "
+                "from here) is possible from here"
+            )
+        if cg.get("group_kill") is None:
+            parts.append(
+                f"{head}: memory.oom.group not visible from here (kubelet 1.28+ sets it to 1 "
+                f"on cgroup v2); if it is 1 the postmaster dies in a group kill; {'; '.join(can)}"
+            )
+            status = WARN if status == PASS else status
+        else:
+            parts.append(
+                f"{head}: memory.oom.group=1 in {where}: it dies in a group kill (only -1000 "
+                f"survives); {'; '.join(can)}"
+            )
+            status = FAIL
+        fixes.append(
+            "run pgoom watch with --group-kill auto (default; needs CAP_SYS_RESOURCE) or "
+            "ungroup (needs the host's cgroupfs writable), or set singleProcessOOMKill: true "
+            "in the kubelet configuration (1.32+)"
         )
-        return CheckResult("memory.oom.group", PASS, detail)
-    if oom_group.strip() != "1":
-        return CheckResult(
-            "memory.oom.group", PASS, f"memory.oom.group={oom_group.strip()} in {where}"
-        )
-    if score == OOM_SCORE_ADJ_MIN:
-        return CheckResult(
-            "memory.oom.group",
-            PASS,
-            f"memory.oom.group=1 in {where}: a memcg OOM kills every task except those at "
-            "-1000, and --score is -1000",
-        )
-    return CheckResult(
-        "memory.oom.group",
-        WARN,
-        f"memory.oom.group=1 in {where}: a memcg OOM kills every task of the cgroup except "
-        f"those at exactly -1000, so a postmaster at {score} in this cgroup dies with its "
-        "backends",
-        "use --score -1000 (needs CAP_SYS_RESOURCE), or turn group kill off (kubelet "
-        "singleProcessOOMKill: true, Kubernetes 1.32+; or write 0 to memory.oom.group)",
-    )
-
-
-def parse_meminfo(text: str) -> dict[str, int]:
-    """/proc/meminfo values in kB."""
-    values: dict[str, int] = {}
-    for line in text.splitlines():
-        key, sep, rest = line.partition(":")
-        if sep and rest.split():
-            try:
-                values[key] = int(rest.split()[0])
-            except ValueError:
-                continue
-    return values
+    return CheckResult(name, status, "; ".join(parts), fixes[0] if fixes else "")
 
 
 def decide_overcommit(mode: int, ratio: Optional[int]) -> CheckResult:
@@ -427,204 +389,6 @@ def decide_swap(meminfo: dict[str, int], overcommit_mode: Optional[int]) -> Chec
             "guards against",
         )
     return CheckResult("swap", PASS, f"{swap_text}; CommitLimit {limit_kb // 1024} MiB")
-
-
-# --- gathering --------------------------------------------------------------------------
-
-
-def _text(path: str) -> Optional[str]:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            return handle.read()
-    except OSError:
-        return None
-
-
-def _ns_links(procfs: ProcFS, pid: int) -> dict[str, Optional[str]]:
-    links: dict[str, Optional[str]] = {}
-    for name in ("pid", "user", "net"):
-        try:
-            links[name] = procfs.readlink(pid, f"ns/{name}")
-        except (ProcessGone, AccessDenied, OSError):
-            links[name] = None
-    return links
-
-
-def gather_namespaces(procfs: ProcFS, netlink_acked: bool = False) -> NamespaceFacts:
-    kthreadd: Optional[dict[str, Optional[str]]] = None
-    try:
-        stat = parse_stat(procfs.read_text(2, "stat"))
-        if stat.comm == "kthreadd" and stat.ppid == 0:
-            kthreadd = _ns_links(procfs, 2)
-    except (ProcessGone, AccessDenied, OSError, ValueError):
-        kthreadd = None
-    me = os.getpid()
-    try:
-        uid_map: Optional[str] = procfs.read_text(me, "uid_map")
-    except (ProcessGone, AccessDenied, OSError):
-        uid_map = None
-    try:
-        nspid = len(procfs.status(me).get("NSpid", "x").split())
-    except (ProcessGone, AccessDenied, OSError):
-        nspid = 1
-    return NamespaceFacts(
-        own=_ns_links(procfs, me),
-        kthreadd=kthreadd,
-        pid1=_ns_links(procfs, 1),
-        uid_map=uid_map,
-        nspid_levels=nspid,
-        netlink_acked=netlink_acked,
-    )
-
-
-def probe_floor(procfs: ProcFS) -> int:
-    """Find the oom_score_adj floor by writing to a child of ours, never to ourselves: the
-    child inherits our oom_score_adj and oom_score_adj_min at fork, and a write that works
-    on it would work on any process that shares them. The child waits on a pipe and exits
-    when it closes (also if we die)."""
-    read_end, write_end = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - runs in the child
-        try:
-            os.close(write_end)
-            os.read(read_end, 1)
-        finally:
-            os._exit(0)
-    os.close(read_end)
-    try:
-
-        def can_set(value: int) -> bool:
-            try:
-                procfs.write_oom_score_adj(child, value)
-            except AccessDenied:
-                return False
-            return True
-
-        return find_floor(can_set)
-    finally:
-        os.close(write_end)
-        os.waitpid(child, 0)
-
-
-def _check_netlink(acked: list[bool]) -> CheckResult:
-    """Subscribe for real (watcher.sources.netlink requires the ack) and unsubscribe."""
-    from watcher.sources.netlink import NetlinkSource
-
-    # A small buffer: this subscription lives for a moment and reads nothing.
-    source = NetlinkSource(rcvbuf_bytes=1 << 20, ack_timeout_s=0.5)
-    try:
-        source.open()
-    except PgoomError as err:
-        return decide_netlink(str(err), False)
-    finally:
-        source.close()
-    acked.append(True)
-    return decide_netlink(None, source.filtered)
-
-
-def _check_inotify() -> CheckResult:
-    from watcher.sources.inotify import inotify_init
-
-    try:
-        fd = inotify_init()
-    except PgoomError as err:
-        return decide_inotify(str(err))
-    os.close(fd)
-    return decide_inotify(None)
-
-
-def _check_oom_group(procfs: ProcFS, score: int) -> CheckResult:
-    me = os.getpid()
-    cgroups = procfs.read_text(me, "cgroup")
-    v1_memory = has_v1_memory(cgroups)
-    path = parse_cgroup_v2_path(cgroups)
-    mount = parse_cgroup2_mount(procfs.read_text(me, "mountinfo"))
-    if path is None or mount is None:
-        return decide_oom_group(None, "this process", v1_memory, score)
-    directory = cgroup_dir(path, *mount)
-    return decide_oom_group(_text(f"{directory}/memory.oom.group"), directory, v1_memory, score)
-
-
-def run_checks(score: int, proc_root: str = "/proc") -> list[CheckResult]:
-    """Run every check against target `score`. Raises UsageError for a score out of range."""
-    validate_score(score)
-    procfs = ProcFS(proc_root)
-    me = os.getpid()
-    status = procfs.status(me)
-    effective = capability_set(status, "CapEff")
-    bounding = capability_set(status, "CapBnd")
-    euid = status_uids(status)[1]
-    floor_cache: list[int] = []
-    acked: list[bool] = []
-    namespaces: list[NamespaceFacts] = []
-
-    def ns_facts() -> NamespaceFacts:
-        if not namespaces:
-            namespaces.append(gather_namespaces(procfs, bool(acked)))
-        return namespaces[0]
-
-    def floor() -> int:
-        if not floor_cache:
-            floor_cache.append(probe_floor(procfs))
-        return floor_cache[0]
-
-    def overcommit_mode() -> Optional[int]:
-        text = _text(f"{proc_root}/sys/vm/overcommit_memory")
-        return int(text) if text is not None and text.strip().isdigit() else None
-
-    def overcommit() -> CheckResult:
-        mode = overcommit_mode()
-        if mode is None:
-            return CheckResult(
-                "vm.overcommit_memory", WARN, "cannot read /proc/sys/vm/overcommit_memory"
-            )
-        ratio_text = _text(f"{proc_root}/sys/vm/overcommit_ratio")
-        ratio = int(ratio_text) if ratio_text and ratio_text.strip().isdigit() else None
-        return decide_overcommit(mode, ratio)
-
-    checks: list[tuple[str, Callable[[], CheckResult]]] = [
-        ("kernel", lambda: decide_kernel(os.uname().release)),
-        ("netlink", lambda: _check_netlink(acked)),
-        ("inotify", _check_inotify),
-        ("namespaces", lambda: decide_namespaces(ns_facts())),
-        (
-            "cap_sys_resource",
-            lambda: decide_cap_sys_resource(
-                effective, bounding, score, floor(), namespace_verdicts(ns_facts())["user"]
-            ),
-        ),
-        ("cap_dac_override", lambda: decide_cap_dac_override(effective, euid)),
-        ("oom_score_adj", lambda: decide_own_score(procfs.oom_score_adj(me), floor(), score)),
-        ("memory.oom.group", lambda: _check_oom_group(procfs, score)),
-        ("vm.overcommit_memory", overcommit),
-        (
-            "swap",
-            lambda: decide_swap(
-                parse_meminfo(_text(f"{proc_root}/meminfo") or ""), overcommit_mode()
-            ),
-        ),
-    ]
-    results = []
-    # The sources log at debug level while they open; the doctor's output is its report.
-    logger.disable("watcher")
-    try:
-        for name, check in checks:
-            try:
-                results.append(check())
-            except (PgoomError, OSError, ValueError, KeyError) as err:
-                # One check that cannot run must not hide the others.
-                reason = os.strerror(err.errno) if isinstance(err, OSError) and err.errno else err
-                results.append(
-                    CheckResult(
-                        name,
-                        WARN,
-                        f"could not check: {reason}",
-                        "run pgoom doctor as the user and in the container pgoom runs in",
-                    )
-                )
-    finally:
-        logger.enable("watcher")
-    return results
 
 
 # --- output -------------------------------------------------------------------------------

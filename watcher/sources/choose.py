@@ -9,7 +9,19 @@ from loguru import logger
 
 from watcher.config import Settings
 from watcher.errors import SourceUnavailable
+from watcher.groupkill import Policy
+from watcher.limits import OOM_SCORE_ADJ_MIN
 from watcher.sources.base import Source
+
+
+def wants_children(settings: Settings) -> bool:
+    """Fork events are needed where a postmaster's children may have to be moved: a rule
+    with a children score, a rule at -1000, or the group-kill policy auto (which puts a
+    postmaster at -1000 where its cgroup kills as a group, and must then keep every new
+    child off -1000 within a fork event, not a verify tick later)."""
+    return settings.group_kill is Policy.AUTO or any(
+        r.children_score is not None or r.score == OOM_SCORE_ADJ_MIN for r in settings.rules
+    )
 
 
 def make_source(name: str, settings: Settings, data_dirs: list[str]) -> Source:
@@ -19,7 +31,7 @@ def make_source(name: str, settings: Settings, data_dirs: list[str]) -> Source:
         return NetlinkSource(
             rcvbuf_bytes=settings.rcvbuf_bytes,
             ack_timeout_s=settings.ack_timeout_s,
-            want_forks=any(r.children_score is not None for r in settings.rules),
+            want_forks=wants_children(settings),
         )
     if name == "inotify":
         from watcher.sources.inotify import InotifySource

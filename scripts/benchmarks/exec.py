@@ -2,7 +2,7 @@
 the exec of CMD. CMD is /bin/true, so one run's wall time is pgoom's path plus true; true
 run directly is measured in the same run and subtracted.
 
-    .venv/bin/python scripts/bench_exec.py [--runs 40]        (as root for the root rows)
+    .venv/bin/python scripts/benchmarks/exec.py [--runs 40]        (as root for the root rows)
 
 Rows:
   python -I -c pass           the interpreter alone: the floor for any Python entrypoint
@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Optional
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRUE = "/bin/true"
 PYTHON39 = "/root/.pyenv/versions/3.9.18/bin/python3.9"
 

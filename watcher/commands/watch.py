@@ -10,27 +10,22 @@ from loguru import logger
 
 from watcher import sdnotify
 from watcher.config import Settings
+from watcher.discover import discover
 from watcher.engine import Engine
-from watcher.errors import AccessDenied, PgoomError, ProcessGone
-from watcher.identity import inspect
+from watcher.errors import PgoomError
 from watcher.logs import setup_logging
-from watcher.match import confirm
 from watcher.procfs import ProcFS
-from watcher.scan import candidates
-from watcher.sources.select import open_source
+from watcher.sources.choose import open_source
 
 
 def discover_data_dirs(settings: Settings, procfs: ProcFS) -> list[str]:
     """Data directories of verified postmasters running now (for inotify without
     --data-dir)."""
     found: list[str] = []
-    for candidate in candidates(procfs, settings.rules, fallback=False):
-        try:
-            facts = inspect(procfs, candidate.pid, argv=candidate.argv)
-        except (ProcessGone, AccessDenied):
-            continue
-        if confirm(facts).ok and facts.data_dir and facts.data_dir not in found:
-            found.append(facts.data_dir)
+    for finding in discover(procfs, settings.rules, fallback=False):
+        data_dir = finding.facts.data_dir
+        if finding.protectable and data_dir and data_dir not in found:
+            found.append(data_dir)
     return found
 
 
@@ -84,7 +79,7 @@ def run_watch(
             logger.info("metrics on http://{}:{}/metrics", shown, port)
         engine = build_engine(settings)
         if notifier.enabled:
-            sdnotify.attach_notifier(engine, notifier)
+            engine.listeners.append(notifier)
         if metrics is not None:
             metrics.attach(engine)
         engine.run()

@@ -4,8 +4,8 @@
 
 Run as root from the repository (PostgreSQL from scripts/setup.sh):
 
-    .venv/bin/python scripts/bench_inotify.py              # 200 starts per mode, ~4 min
-    .venv/bin/python scripts/bench_inotify.py --starts 50  # quicker
+    .venv/bin/python scripts/benchmarks/inotify.py              # 200 starts per mode, ~4 min
+    .venv/bin/python scripts/benchmarks/inotify.py --starts 50  # quicker
 
 How it measures, per start of `postgres -D <dir>` (uid 26, launched at oom_score_adj 1000,
 pgoom's target TARGET = 7: nobody can go below 0 here, and a value no other watcher uses
@@ -47,7 +47,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from tests.support.pg import Cluster, Template, wait_for
 
@@ -66,7 +66,7 @@ class Watch:
             raise OSError(ctypes.get_errno(), "inotify")
 
     def drain(self) -> list[tuple[int, bytes]]:
-        out = []
+        out: list[tuple[int, bytes]] = []
         while True:
             try:
                 buf = os.read(self.fd, 65536)
@@ -183,7 +183,7 @@ def main() -> int:
         watch = Watch(cluster.data_dir)
         direct = run_mode(cluster, watch, args.starts, direct=True)
 
-        with open(stderr_path, "wb") as err:
+        with open(stderr_path, "wb") as stderr_file:
             pgoom = subprocess.Popen(
                 [
                     *(("nice", "-n", str(args.pgoom_nice)) if args.pgoom_nice else ()),
@@ -194,7 +194,7 @@ def main() -> int:
                     *("--verify-interval", "3600"),
                 ],
                 stdout=subprocess.DEVNULL,
-                stderr=err,
+                stderr=stderr_file,
             )
 
         def log_text() -> str:

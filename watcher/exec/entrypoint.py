@@ -24,13 +24,25 @@ import os
 import signal
 import sys
 
-from watcher.errors import EXIT_CANNOT_EXECUTE, EXIT_COMMAND_NOT_FOUND, EXIT_DENIED, EXIT_USAGE
-from watcher.privileges import Account, PrivilegeError, resolve_user, switch_user, user_environment
+from watcher.exec.privileges import (
+    Account,
+    PrivilegeError,
+    resolve_user,
+    switch_user,
+    user_environment,
+)
+from watcher.limits import (
+    DEFAULT_CHILDREN_SCORE,
+    DEFAULT_SCORE,
+    EXIT_CANNOT_EXECUTE,
+    EXIT_COMMAND_NOT_FOUND,
+    EXIT_DENIED,
+    EXIT_USAGE,
+    data_dir_problem,
+    score_problem,
+)
 
 DEFAULT_USER = "26"  # the Percona image's postgres
-DEFAULT_SCORE = -900  # the seed's target; the same default as `pgoom watch`
-DEFAULT_CHILDREN_SCORE = 0  # PostgreSQL's documented PG_OOM_ADJUST_VALUE
-SCORE_RANGE = range(-1000, 1001)
 # Set for CMD: the patroni shim (docker/patroni) sees it and does not wrap a second time.
 WRAPPED_ENV = "PGOOM_WRAPPED"
 
@@ -81,8 +93,9 @@ def _score(text: str, option: str) -> int:
         value = int(text)
     except ValueError:
         raise Usage(f"{option} {text!r} is not a number: give -1000..1000") from None
-    if value not in SCORE_RANGE:
-        raise Usage(f"{option} {value} is out of range: give -1000..1000")
+    problem = score_problem(value)
+    if problem:
+        raise Usage(f"{option} {problem}")
     return value
 
 
@@ -136,8 +149,9 @@ def parse_args(argv: list[str], env: dict[str, str]) -> Options:
     if not opts.data_dirs and env.get("PGDATA"):
         opts.data_dirs = [env["PGDATA"]]
     for path in opts.data_dirs:
-        if not path.startswith("/"):
-            raise Usage(f"--data-dir {path!r} must be an absolute path, such as /pgdata/pg16")
+        problem = data_dir_problem(path)
+        if problem:
+            raise Usage(f"--data-dir {problem}")
     opts.command = argv[index:]
     if not opts.command:
         raise Usage("no command given: pgoom exec [OPTIONS] -- CMD [ARGS...]")
@@ -183,7 +197,7 @@ def export_oom_env(children_score: int) -> None:
 
 
 def start_monitor(opts: Options) -> None:
-    from watcher.monitor import launch
+    from watcher.exec.supervisor import launch
 
     args = ["watch", "--score", str(opts.score)]
     if opts.children_score_given:

@@ -1,8 +1,8 @@
 """`pgoom verify`: is every postmaster protected? For CI jobs and Kubernetes probes.
 
-Finds postmasters with the watcher's own rules (a pattern or data-directory rule names the
-candidate, watcher.identity.inspect gathers the facts, watcher.match.confirm decides; the
-seed's fallbacks apply, with the default pattern only, when it matches nothing) and polls
+Finds postmasters as the watcher does (watcher.discover, with the watcher's own rules; the
+fallbacks, the parent of other postgres processes, else the only one, apply with the
+default pattern only, when it matches nothing) and polls
 until every one is at or below the expected score, or the timeout passes. Read-only: it
 never writes a score.
 
@@ -11,6 +11,8 @@ Exit codes (watcher/errors.py):
   1  EXIT_CHECK_FAILED: a postmaster was still above --score when the timeout passed
   2  EXIT_USAGE: a bad option (score out of range, invalid pattern, negative timeout)
   3  EXIT_NOT_FOUND: no postmaster was found before the timeout passed
+  7  EXIT_GROUP_KILL: every postmaster is at or below --score, but one would still die in a
+     group kill (its memory cgroup has memory.oom.group=1 and it is above -1000)
 """
 
 from __future__ import annotations
@@ -18,25 +20,17 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from watcher.config import build_rules, check_data_dir
-from watcher.errors import (
-    EXIT_CHECK_FAILED,
-    EXIT_NOT_FOUND,
-    EXIT_OK,
-    AccessDenied,
-    ProcessGone,
-    UsageError,
-)
-from watcher.identity import inspect
-from watcher.match import (
-    Rule,
-    cmdline_text,
-    confirm,
-)
+from watcher.discover import discover
+from watcher.errors import AccessDenied, ProcessGone
+from watcher.limits import EXIT_CHECK_FAILED, EXIT_GROUP_KILL, EXIT_NOT_FOUND, EXIT_OK
+from watcher.match import Rule
+from watcher.memcg import CgroupView
+from watcher.options import VERIFY_TIMEOUT
+from watcher.policy import describe
 from watcher.procfs import ProcFS
-from watcher.scan import PATTERN, candidates
 
 # Short enough that a probe with a 1 s timeout still gets several looks; long enough that a
 # 10 s wait costs a hundred /proc scans, not thousands.
@@ -51,6 +45,14 @@ class Found:
     protected: bool
     how: str  # the rule that named it, or the fallback method
     reason: str  # why confirm() accepted it
+    # Its memory cgroup (watcher.policy.describe) and whether its score survives a group
+    # kill there: False is "at its score and still dies", what exit code 7 reports.
+    cgroup: Optional[dict[str, Any]] = None
+    survives_group_kill: Optional[bool] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.protected and self.survives_group_kill is not False
 
 
 def find_postmasters(
@@ -58,47 +60,30 @@ def find_postmasters(
 ) -> list[Found]:
     """One scan of /proc, deciding as `pgoom watch` does, and reading each score."""
     found: list[Found] = []
-    for candidate in candidates(procfs, rules, fallback):
-        method = None if candidate.method == PATTERN else candidate.method
-        _consider(procfs, candidate.pid, candidate.argv, rules, score, method, found)
-    return found
-
-
-def _consider(
-    procfs: ProcFS,
-    pid: int,
-    argv: list[str],
-    rules: list[Rule],
-    score: int,
-    fallback_method: Optional[str],
-    found: list[Found],
-) -> None:
-    try:
-        facts = inspect(procfs, pid, argv=argv)
-    except (ProcessGone, AccessDenied):
-        return
-    text = cmdline_text(argv)
-    rule = next((r for r in rules if r.matches(text, facts.data_dir)), None)
-    if rule is None and fallback_method is None:
-        return  # e.g. named postgres, but not in the --data-dir the rule asks for
-    verdict = confirm(facts)
-    if not verdict.ok:
-        return
-    try:
-        adj: Optional[int] = procfs.oom_score_adj(pid)
-    except (ProcessGone, AccessDenied):
-        adj = None
-    how = rule.name if rule is not None else f"fallback: {fallback_method}"
-    found.append(
-        Found(
-            pid=pid,
-            data_dir=facts.data_dir,
-            oom_score_adj=adj,
-            protected=adj is not None and adj <= score,
-            how=how,
-            reason=verdict.reason,
+    for finding in discover(procfs, rules, fallback):
+        if not finding.protectable:
+            continue  # e.g. named postgres, but not in the --data-dir the rule asks for
+        try:
+            adj: Optional[int] = procfs.oom_score_adj(finding.pid)
+        except (ProcessGone, AccessDenied):
+            adj = None
+        try:
+            cgroup = describe(CgroupView(procfs).observe(finding.pid), adj)
+        except (ProcessGone, AccessDenied, OSError):
+            cgroup = {}
+        found.append(
+            Found(
+                pid=finding.pid,
+                data_dir=finding.facts.data_dir,
+                oom_score_adj=adj,
+                protected=adj is not None and adj <= score,
+                how=finding.how,
+                reason=finding.verdict.reason,
+                cgroup=cgroup.get("cgroup"),
+                survives_group_kill=cgroup.get("survives_group_kill"),
+            )
         )
-    )
+    return found
 
 
 def verify_postmasters(
@@ -114,10 +99,9 @@ def verify_postmasters(
 
     A timeout of 0 looks exactly once. Success needs at least one postmaster: a probe that
     passes while PostgreSQL is not running would hide the failure it exists to catch."""
-    if timeout_s < 0:
-        raise UsageError(f"--timeout {timeout_s:g} must be 0 or more seconds")
+    VERIFY_TIMEOUT.validate(timeout_s)
     rules = build_rules(patterns, [check_data_dir(d) for d in data_dirs], score, None)
-    # As in `pgoom watch`: the seed's fallbacks guess, so only with the default pattern.
+    # As in `pgoom watch`: the fallbacks guess, so only with the default pattern.
     fallback = not (patterns or data_dirs)
     procfs = procfs or ProcFS()
     start = time.monotonic()
@@ -125,10 +109,12 @@ def verify_postmasters(
     while True:
         found = find_postmasters(procfs, rules, score, fallback)
         elapsed_s = time.monotonic() - start
-        if found and all(f.protected for f in found):
+        if found and all(f.ok for f in found):
             return _result(EXIT_OK, found, rules, score, timeout_s, elapsed_s, as_json)
         if time.monotonic() >= deadline:
             code = EXIT_CHECK_FAILED if found else EXIT_NOT_FOUND
+            if found and all(f.protected for f in found):
+                code = EXIT_GROUP_KILL
             return _result(code, found, rules, score, timeout_s, elapsed_s, as_json)
         time.sleep(min(poll_interval_s, max(0.0, deadline - time.monotonic())))
 
@@ -137,6 +123,11 @@ def _describe(f: Found) -> str:
     where = f" ({f.data_dir})" if f.data_dir else ""
     adj = "exited" if f.oom_score_adj is None else f"oom_score_adj {f.oom_score_adj}"
     return f"pid {f.pid}{where} {adj}"
+
+
+def _group_kill_where(f: Found) -> str:
+    where = (f.cgroup or {}).get("group_kill_at") or (f.cgroup or {}).get("path")
+    return f" (memory.oom.group=1 in {where})" if where else ""
 
 
 def _reason(code: int, found: list[Found], rules: list[Rule], score: int, timeout_s: float) -> str:
@@ -148,6 +139,14 @@ def _reason(code: int, found: list[Found], rules: list[Rule], score: int, timeou
         return (
             f"pgoom: no postmaster found within {timeout_s:g} s (looked for {names}): "
             "is PostgreSQL running, and do --pattern/--data-dir name it?"
+        )
+    if code == EXIT_GROUP_KILL:
+        dying = [f for f in found if f.survives_group_kill is False]
+        listed = ", ".join(_describe(f) + _group_kill_where(f) for f in dying)
+        return (
+            f"pgoom: at or below {score} but would die in a group kill: {listed}: only -1000 "
+            "survives one; run `pgoom watch` with --group-kill auto (-1000, needs "
+            "CAP_SYS_RESOURCE) or ungroup (memory.oom.group=0, needs the cgroupfs writable)"
         )
     bad = [f for f in found if not f.protected]
     listed = ", ".join(_describe(f) for f in bad)

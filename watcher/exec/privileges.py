@@ -12,17 +12,14 @@ import grp
 import os
 import pwd
 
+from watcher.limits import CAP_DAC_OVERRIDE, CAP_SYS_RESOURCE
+
 # typing and dataclasses cost ~10 ms of imports (inspect, ast) on the start path; mypy
 # treats a TYPE_CHECKING name as true without them.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Optional
 
-# linux/capability.h
-CAP_DAC_OVERRIDE = 1
-CAP_SETPCAP = 8
-CAP_SYS_PTRACE = 19
-CAP_SYS_RESOURCE = 24
 CAP_NAMES = {CAP_DAC_OVERRIDE: "CAP_DAC_OVERRIDE", CAP_SYS_RESOURCE: "CAP_SYS_RESOURCE"}
 # linux/prctl.h
 PR_SET_PDEATHSIG = 1

@@ -1,4 +1,4 @@
-"""watcher.scan.candidates on a fake /proc: rule matches first; the seed's fallbacks only
+"""watcher.discover.candidates on a fake /proc: rule matches first; the fallbacks only
 when no rule matched and only when asked for."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 from tests.unit.fakeproc import FakeProc
 from watcher.config import build_rules
-from watcher.scan import PATTERN, candidates
+from watcher.discover import PATTERN, candidates
 
 ME = os.getuid()
 
