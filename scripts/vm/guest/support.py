@@ -107,35 +107,55 @@ def save_journal(ctx: Context, name: str, unit: str) -> None:
 
 
 def harness_run(
-    ctx: Context, name: str, scenario: str, oom_group: int, score: int
+    ctx: Context,
+    name: str,
+    scenario: str,
+    oom_group: int,
+    score: int,
+    group_kill: str = "auto",
+    runs: int = 1,
 ) -> dict[str, object]:
-    """One protected run of one scenario (`pgoom watch --score SCORE`, children 0, launcher
-    0) in a cgroup with memory.oom.group=OOM_GROUP. Returns the run's figures; the verdict
-    is the caller's (for oom.group=1 and -900 the postmaster is expected to die)."""
+    """Protected runs of one scenario (`pgoom watch --score SCORE --group-kill POLICY`,
+    children 0, launcher 0) in a cgroup with memory.oom.group=OOM_GROUP. Returns the first
+    run's figures and, over all runs, how many the postmaster survived; the verdict is the
+    caller's (with keep, oom.group=1 and -900 the postmaster is expected to die)."""
     out = ctx.log_path(name, "harness")
     argv = [
         sys.executable, "-m", "scripts.oomharness", "--mode", "short", "--out", out,
-        "--scenario", scenario, "--runs", "1", "--baseline-runs", "0", "--storm-cycles", "0",
-        "--score", str(score), "--children-score", "0", "--launcher-score", "0",
-        "--oom-group", str(oom_group),
+        "--scenario", scenario, "--runs", str(runs), "--baseline-runs", "0",
+        "--storm-cycles", "0", "--score", str(score), "--children-score", "0",
+        "--launcher-score", "0", "--oom-group", str(oom_group), "--group-kill", group_kill,
         # Emulation (TCG) is 10-30x slower than the hardware the 2 s default was set on.
         "--recovery-limit-s", "30",
     ]  # fmt: skip
-    done = run(argv, timeout_s=600, cwd=ctx.src)
+    done = run(argv, timeout_s=600 * runs, cwd=ctx.src)
     with open(f"{out}.log", "w") as f:
         f.write(done.stdout + done.stderr)
     try:
         with open(f"{out}/oom-harness-short.json") as f:
             doc = json.load(f)
-        runs = doc["groups"][0]["runs"]
-        first = runs[0]
+        all_runs = doc["groups"][0]["runs"]
+        first = all_runs[0]
     except (OSError, ValueError, KeyError, IndexError) as err:
         tail = " | ".join((done.stdout + done.stderr).strip().splitlines()[-4:])
         raise Failed(f"no harness result ({err}); exit {done.returncode}: {tail}") from None
     victims: dict[str, int] = {}  # role -> kills (a group kill names the chosen one twice)
     for victim in first["victims"]:
         victims[str(victim["role"])] = victims.get(str(victim["role"]), 0) + 1
+    # The kernel's task list at the OOM, by role: a child at -1000 beside the postmaster
+    # would be unkillable (auto must never leave one there).
+    at_minus_1000 = sum(
+        int(counts.get("-1000", 0))
+        for r in all_runs
+        for role, counts in r["scores"].items()
+        if role != "postmaster"
+    )
     return {
+        "runs": len(all_runs),
+        "postmaster_survived_runs": sum(1 for r in all_runs if r["postmaster_survived"]),
+        "children_at_minus_1000": at_minus_1000,
+        "oom_group_after": first.get("oom_group_after"),
+        "rows_lost_all": sum(r["rows_expected"] - (r["rows_counted"] or 0) for r in all_runs),
         "harness_exit": done.returncode,
         "cgroup": doc["meta"].get("cgroup"),
         "oom_kills": first["oom_kills"],
