@@ -259,7 +259,7 @@ def _protects(ctx: Context, name: str, scenario: str, oom_group: int, score: int
     figures = harness_run(ctx, name, scenario, oom_group, score)
     expect(figures["oom_kills"], "no OOM kill happened (nothing was tested)", **figures)
     expect(figures["postmaster_survived"], "the postmaster was killed", **figures)
-    expect("postmaster" not in figures["victims"], "the postmaster was a victim", **figures)
+    expect("postmaster" not in str(figures["victims"]), "the postmaster was a victim", **figures)
     expect(figures["rows_lost"] == 0, "committed rows lost", **figures)
     expect(not figures["problems"], "the harness reported problems", **figures)
     return figures
@@ -272,22 +272,26 @@ def _group_kill(ctx: Context, name: str, scenario: str, score: int) -> Figures:
     figures = harness_run(ctx, name, scenario, 1, score, group_kill="keep")
     expect(figures["oom_kills"], "no OOM kill happened (nothing was tested)", **figures)
     expect(not figures["postmaster_survived"], "the postmaster survived a group kill", **figures)
-    expect("postmaster" in figures["victims"], "the kernel log names no postmaster", **figures)
+    expect("postmaster" in str(figures["victims"]), "the kernel log names no postmaster", **figures)
     expect(not figures["problems"], "the harness reported problems", **figures)
     return figures
 
 
-@check("harness cgroup v2: big-query, oom.group=0: -900 protects")
+# Short mode (CI) keeps three OOM cases, all in groupkill.py: auto (the fix), ungroup (the
+# kernel kills only the backend at oom.group=0, -900 kept) and keep (the -900 baseline dies).
+# The harness's own cases below repeat those outcomes without pgoom's policy, at ~2.5 min
+# each under TCG, so they run in full mode.
+@check("harness cgroup v2: big-query, oom.group=0: -900 protects", modes=("full",))
 def harness_big_query(ctx: Context) -> Figures:
     return _protects(ctx, "harness-big-query-g0", BIG_QUERY, 0, -900)
 
 
-@check("harness cgroup v2: many-backends, oom.group=0: -900 protects")
+@check("harness cgroup v2: many-backends, oom.group=0: -900 protects", modes=("full",))
 def harness_many_backends(ctx: Context) -> Figures:
     return _protects(ctx, "harness-many-backends-g0", MANY_BACKENDS, 0, -900)
 
 
-@check("harness cgroup v2: big-query, oom.group=1: -900 dies (baseline)")
+@check("harness cgroup v2: big-query, oom.group=1: -900 dies (baseline)", modes=("full",))
 def harness_big_query_group(ctx: Context) -> Figures:
     return _group_kill(ctx, "harness-big-query-g1", BIG_QUERY, -900)
 
