@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import tempfile
 from collections.abc import Iterator
 
 import pytest
@@ -15,3 +17,12 @@ def sleeper() -> Iterator[int]:
     yield proc.pid
     proc.kill()
     proc.wait()
+
+
+@pytest.fixture
+def work() -> Iterator[str]:
+    """A scratch directory `pgoom exec`'s CMD (uid 26) may write to."""
+    path = tempfile.mkdtemp(prefix="pgoom-exec-")
+    os.chmod(path, 0o777)
+    yield path
+    subprocess.run(["rm", "-rf", path], check=False)

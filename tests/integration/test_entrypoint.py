@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Optional
@@ -46,14 +45,6 @@ json.dump({
     "score": int(open("/proc/self/oom_score_adj").read()),
 }, open(sys.argv[1], "w"))
 """
-
-
-@pytest.fixture
-def work() -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="pgoom-exec-")
-    os.chmod(path, 0o777)  # CMD runs as uid 26 and writes here
-    yield path
-    subprocess.run(["rm", "-rf", path], check=False)
 
 
 def base_env(work: str, **extra: str) -> dict[str, str]:

@@ -11,12 +11,12 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Optional
 
 import pytest
 
+from tests.integration.test_entrypoint import base_env
 from tests.support.pg import ensure_pg_user, wait_for
 
 pytestmark = pytest.mark.root
@@ -26,26 +26,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 NOBODY = 65534
 
 
-@pytest.fixture
-def work() -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="pgoom-exec-atk-")
-    os.chmod(path, 0o777)  # CMD runs as uid 26 and writes here
-    yield path
-    subprocess.run(["rm", "-rf", path], check=False)
-
-
 def env_for(work: str, **extra: str) -> dict[str, str]:
-    env = {
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "PYTHONPATH": REPO,
-        "PGOOM_MONITOR_LOCK": os.path.join(work, "monitor.lock"),
-        "PGOOM_LOG_FILE": "",
-        "PGOOM_DRY_RUN": "1",
-        "PGOOM_SOURCE": "poll",
-        "PGOOM_PATTERN": "^no-such-postmaster$",
-    }
-    env.update(extra)
-    return env
+    """test_entrypoint's environment, with a pattern that matches no postmaster."""
+    return base_env(work, **{"PGOOM_PATTERN": "^no-such-postmaster$", **extra})
 
 
 def as_uid(uid: Optional[int]) -> Optional[Callable[[], None]]:
