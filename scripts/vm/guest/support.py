@@ -206,9 +206,12 @@ def _or_minus(value: Optional[int]) -> int:
 # writes it: the signal, the event -> signal latency and the outcome ("relieved in 4.1 ms",
 # "no relief within 1 s", ...).
 _GUARD_ACTION = re.compile(
-    r"guard: sent (SIG[A-Z]+) to client backend .*?event_to_signal_us=(\d+): "
-    r"(relieved in ([\d.]+) ms|[^\n]*)"
+    # Greedy up to the line's last event_to_signal_us: the title before it is the backend's
+    # ps title, which its user controls and may carry a forged field.
+    r"guard: sent (SIG[A-Z]+) to client backend [^\n]*event_to_signal_us=(\d+): ([^\n]*)$",
+    re.M,
 )
+_RELIEVED = re.compile(r"relieved in ([\d.]+) ms")
 
 
 def _spread(values: list[float]) -> dict[str, object]:
@@ -230,12 +233,13 @@ def guard_figures(group: dict[str, Any]) -> dict[str, object]:
     event_ms: list[float] = []
     relief_ms: list[float] = []
     for match in _GUARD_ACTION.finditer(group.get("watcher_log") or ""):
-        signal, event_us, outcome, relief = match.groups()
+        signal, event_us, outcome = match.groups()
+        relief = _RELIEVED.fullmatch(outcome)
         key = f"{signal} {'relieved' if relief else outcome}"
         actions[key] = actions.get(key, 0) + 1
         event_ms.append(int(event_us) / 1000)
         if relief:
-            relief_ms.append(float(relief))
+            relief_ms.append(float(relief.group(1)))
     runs = group["runs"]
     return {
         "guarded_runs": len(runs),
