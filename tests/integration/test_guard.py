@@ -10,15 +10,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from loguru import logger
 
 from scripts.oomharness.cgroup import MemoryCgroup
 from scripts.oomharness.pgcluster import HarnessCluster, Session
 from tests.support.guardloop import GuardLoop
 from tests.support.pg import Template, alive, wait_for
 from watcher.guard import Guards, GuardSettings
-from watcher.guard.children import read_children
+from watcher.guard.children import read_children, read_members
 from watcher.guard.memory import MemoryGroup, MemoryReader
-from watcher.guard.victim import CLIENT, choose, classify
+from watcher.guard.victim import CLIENT, choose, classify, kernel_choice
 from watcher.procfs import ProcFS
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (memory cgroups)")
@@ -166,7 +167,12 @@ def test_a_hog_that_is_not_postgres_is_left_to_the_kernel(
         f.write("0")  # what pgoom watch does: the kernel's choice falls among the rest
     bystander = Session(cluster)
     bystander_pid = backend_pid(bystander)
+    # Above the floor: a session the guard could stop, and must not (the kernel's choice
+    # is the hog, whose kill costs PostgreSQL nothing).
+    assert bystander.run("select set_config('t.hold', repeat('x', 20 << 20), false);").ok
     oom_before = memcg.oom_kills()
+    lines: list[str] = []
+    sink = logger.add(lambda message: lines.append(str(message)), level="WARNING")
     guards, loop = guarded(memcg, pm)
 
     def join() -> None:
@@ -183,8 +189,11 @@ def test_a_hog_that_is_not_postgres_is_left_to_the_kernel(
         loop.stop()
         guard = next(iter(guards.entries.values())).guard
         guards.close()
+        logger.remove(sink)
     assert loop.actions == []
-    assert guard.counters.no_victim > 0  # it saw the pressure and found nobody to stop
+    # It saw the pressure, and named the process the kernel then killed.
+    assert guard.counters.stood_aside > 0, guard.status()
+    assert any(f"would take pid {hog.pid}, which is not PostgreSQL" in line for line in lines)
     assert alive(pm) and backend_pid(bystander) == bystander_pid
     bystander.close()
 
@@ -275,3 +284,62 @@ def test_host_psi_trigger_registers_on_this_kernel() -> None:
         source.close()
     sample = MemoryReader(MemoryGroup(0, "/proc")).sample()
     assert sample.limit_bytes and 0 < sample.working_set_bytes < sample.limit_bytes
+
+
+def test_kernel_choice_names_the_process_the_kernel_then_kills(memcg: MemoryCgroup) -> None:
+    """Four real processes in a 300 MiB memory cgroup, sized and scored so that neither RSS
+    alone nor oom_score_adj alone names the kernel's victim: A holds 100 MiB at 0, B 40 MiB
+    at 700 (40 + 700/1000 of the limit = 250), D nothing at 750 (225), C grows to 160 MiB at
+    0. kernel_choice, read while C grows (the guard's view at its threshold), must name B,
+    and the kernel's OOM killer must then kill B and only B (without B the rest fit)."""
+    import subprocess
+
+    from scripts.oomharness.cgroup import enter
+
+    code = (
+        "import sys, time\n"
+        "blocks = []\n"
+        "for i in range(int(sys.argv[1])):\n"
+        "    blocks.append(b'\\x01' * (1 << 20))\n"
+        "    if i == int(sys.argv[2]): print('grown', flush=True)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+
+    def start(mib: int, adj: int, signal_at: int = -1) -> subprocess.Popen[bytes]:
+        def join() -> None:
+            enter(memcg.procs_file)
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write(str(adj))
+
+        return subprocess.Popen(
+            ["python3", "-c", code, str(mib), str(signal_at)],
+            stdout=subprocess.PIPE,
+            preexec_fn=join,
+        )
+
+    oom_before = memcg.oom_kills()
+    a = start(100, 0)
+    b = start(40, 700)
+    d = start(0, 750)
+    procs = [a, b, d]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        c = start(160, 0, signal_at=120)
+        procs.append(c)
+        assert c.stdout is not None and c.stdout.readline() == b"grown\n"
+        reader = MemoryReader(MemoryGroup(1, memcg.path))
+        members = read_members(ProcFS(), reader.member_pids())
+        assert {m.pid for m in members} >= {a.pid, b.pid, c.pid, d.pid}
+        chosen = kernel_choice(members, LIMIT_BYTES)
+        assert chosen is not None and chosen.pid == b.pid, members
+        assert b.wait(60) == -signal.SIGKILL
+        assert c.stdout.readline() == b"ready\n"  # C reached its 160 MiB
+        assert memcg.oom_kills() == oom_before + 1
+        assert a.poll() is None and c.poll() is None and d.poll() is None
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from loguru import logger
 
 from tests.unit.fakeproc import SAMPLES, FakeProc
 from watcher.guard.children import read_children
@@ -33,10 +34,12 @@ from watcher.guard.victim import (
     PARALLEL,
     WALSENDER,
     Child,
+    Member,
     choose,
     classify,
     display_title,
     is_idle,
+    kernel_choice,
 )
 from watcher.memcg import CgroupView
 from watcher.procfs import ProcFS
@@ -336,16 +339,33 @@ class Fake:
         self.sent: list[tuple[int, str]] = []
         self.answer = Sent.SENT
         self.reports: list[tuple[str, dict[str, Any]]] = []
+        # Other tasks of the group, as the kernel weighs them (the children are added with
+        # their private memory as RSS, all at oom_score_adj 1000).
+        self.others: list[Member] = []
+        self.group_kill = False
+        self.gone: set[int] = set()  # victims that have exited
         self.guard = Guard(
             100,
             "/fake/memcg",
             self.sample,
-            lambda: self.children,
+            lambda: [c for c in self.children if c.pid not in self.gone],
             self.send,
             GuardSettings(**settings),
             lambda name, fields: self.reports.append((name, fields)),
             lambda: self.now_ns,
+            members=self.members,
+            private_of=self.private_of,
+            group_kill=lambda: self.group_kill,
         )
+
+    def members(self) -> list[Member]:
+        alive = [c for c in self.children if c.pid not in self.gone]
+        return [Member(c.pid, c.private_bytes, 0, 0, 1000) for c in alive] + self.others
+
+    def private_of(self, pid: int, start: int) -> Any:
+        if pid in self.gone:
+            return None
+        return next((c.private_bytes for c in self.children if c.pid == pid), None)
 
     def sample(self) -> Sample:
         ws = int(self.ws_mib * MIB)
@@ -482,12 +502,108 @@ def test_no_client_backend_above_the_floor_means_no_action() -> None:
     assert fake.sent == [] and fake.guard.counters.no_victim == 3
 
 
-def test_a_bystander_that_does_not_explain_the_pressure_is_left_alone() -> None:
+def test_a_hog_the_kernel_would_take_is_left_to_the_kernel() -> None:
+    lines: list[str] = []
+    sink = logger.add(lambda message: lines.append(str(message)), level="WARNING")
     fake = Fake()
-    fake.children = [child(12, "postgres: b db [local] idle", 25)]  # above the floor, 8 %
-    fake.ws_mib = 295  # the rest is a hog's
+    fake.children = [child(12, "postgres: b db [local] idle", 25)]  # above the floor
+    fake.others = [Member(500, 250 * MIB, 0, 0, 1000)]  # the rest is a hog's
+    fake.ws_mib = 295
+    for _ in range(3):
+        fake.guard.on_pressure("vmpressure")
+    assert fake.sent == [] and fake.guard.counters.stood_aside == 3
+    logger.remove(sink)
+    assert sum("would take pid 500, which is not PostgreSQL" in line for line in lines) == 1
+
+
+def test_a_small_backend_the_kernel_would_kill_is_stopped_instead() -> None:
+    """No share-of-the-limit rule: 25 of 300 MiB is enough when the kernel's next kill is
+    that backend (and with it a crash restart)."""
+    fake = Fake()
+    fake.children = [child(12, "postgres: b db [local] idle", 25)]
+    fake.others = [Member(500, 20 * MIB, 0, 0, 1000), Member(100, 90 * MIB, 0, 0, -900)]
+    fake.ws_mib = 295
     fake.guard.on_pressure("vmpressure")
-    assert fake.sent == [] and fake.guard.counters.no_victim == 1
+    assert fake.sent == [(12, "SIGTERM")]
+
+
+def test_under_a_group_kill_any_oom_costs_postgresql_so_the_guard_acts() -> None:
+    fake = Fake()
+    fake.children = [child(12, "postgres: b db [local] idle", 25)]
+    fake.others = [Member(500, 250 * MIB, 0, 0, 1000)]
+    fake.group_kill = True
+    fake.ws_mib = 295
+    fake.guard.on_pressure("vmpressure")
+    assert fake.sent == [(12, "SIGTERM")]
+
+
+def many_idle_sessions(fake: Fake, count: int = 5, mib: float = 12) -> None:
+    fake.children = [
+        child(20 + i, f"postgres: u db [local] idle {i}"[:-2], mib) for i in range(count)
+    ]
+
+
+def test_one_terminated_session_of_many_relieves_below_the_threshold() -> None:
+    fake = Fake()
+    many_idle_sessions(fake)
+    fake.ws_mib = 272
+    fake.guard.on_pressure("threshold")
+    assert fake.sent == [(20, "SIGTERM")]  # the largest; the oldest of equals
+    fake.gone.add(20)
+    fake.ws_mib = 260  # below 90 %, not below 85 %: the victim's 12 MiB are back
+    fake.tick()
+    assert fake.actions() == [(20, "SIGTERM", "relieved")]
+    assert fake.guard.state == WATCHING
+
+
+def test_several_victims_when_one_is_not_enough_and_never_more_than_the_bound() -> None:
+    fake = Fake(max_victims=3, cooldown_s=10)
+    many_idle_sessions(fake)
+    fake.ws_mib = 280  # stays above the threshold whatever is freed: a leak elsewhere
+    fake.guard.on_pressure("threshold")
+    for pid in (20, 21, 22):
+        assert fake.sent[-1] == (pid, "SIGTERM")
+        fake.gone.add(pid)
+        fake.tick()
+    assert fake.actions() == [(p, "SIGTERM", "not_enough") for p in (20, 21, 22)]
+    assert fake.guard.state == COOLDOWN and len(fake.sent) == 3
+    fake.guard.on_pressure("threshold")
+    assert len(fake.sent) == 3
+
+
+def test_a_cancelled_query_that_gave_its_memory_back_is_not_terminated() -> None:
+    """One of several active queries: its cancel worked (its memory is back), so the next
+    one is cancelled, and nobody's session ends."""
+    fake = Fake(grace_s=0.5)
+    fake.children = [
+        child(11, "postgres: a db [local] SELECT", 40),
+        child(12, "postgres: b db [local] SELECT", 30),
+    ]
+    fake.ws_mib = 285
+    fake.guard.on_pressure("threshold")
+    fake.children = [child(11, "postgres: a db [local] SELECT", 2), fake.children[1]]
+    fake.ws_mib = 275
+    fake.tick()
+    assert fake.sent == [(11, "SIGINT"), (12, "SIGINT")]
+    fake.children = [fake.children[0], child(12, "postgres: b db [local] SELECT", 2)]
+    fake.ws_mib = 262
+    fake.tick()
+    assert fake.actions() == [(11, "SIGINT", "not_enough"), (12, "SIGINT", "relieved")]
+
+
+def test_kernel_choice_follows_oom_badness() -> None:
+    limit = 300 * MIB
+    members = [
+        Member(1, 100 * MIB, 0, 0, -900),  # a protected postmaster: far behind
+        Member(2, 20 * MIB, 5 * MIB, 1 * MIB, 0),
+        Member(3, 10 * MIB, 0, 0, 100),  # 10 MiB + 30 MiB of adj
+        Member(4, 500 * MIB, 0, 0, -1000),  # never
+    ]
+    assert kernel_choice(members, limit) == members[2]
+    assert members[0].badness(limit) == 100 * MIB - 900 * (limit // 1000)
+    assert members[3].badness(limit) is None
+    assert kernel_choice([members[3]], limit) is None
+    assert kernel_choice([Member(9, MIB, 0, 0, 0), Member(8, MIB, 0, 0, 0)], limit).pid == 8  # type: ignore[union-attr]
 
 
 def test_a_victim_gone_before_the_signal_leads_to_the_next_one() -> None:

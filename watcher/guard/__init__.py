@@ -27,7 +27,7 @@ from loguru import logger
 
 from watcher.errors import AccessDenied, ProcessGone
 from watcher.events import Adjusted, Exited, Failed, Kept, Notice
-from watcher.guard.children import read_children
+from watcher.guard.children import read_children, read_members, read_private
 from watcher.guard.episode import Guard, GuardSettings, Report
 from watcher.guard.locate import NotVisible, locate
 from watcher.guard.memory import MemoryGroup, MemoryReader
@@ -111,6 +111,9 @@ class Guards:
             lambda p, s, signum: send(procfs, p, s, signum),
             self.settings,
             self._on_report,
+            members=lambda: read_members(procfs, reader.member_pids(procfs.root)),
+            private_of=lambda p, s: read_private(procfs, p, s),
+            group_kill=reader.group_kill,
         )
         guard.last_sample = first
         entry = _Entry(pid, start_ticks, group, source, guard)

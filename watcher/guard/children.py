@@ -1,9 +1,12 @@
-"""Read what the guard needs about a postmaster's children, through watcher.procfs."""
+"""Read what the guard needs about a postmaster's children, and about the other processes of
+its memory group, through watcher.procfs."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 from watcher.errors import AccessDenied, ProcessGone
-from watcher.guard.victim import Child
+from watcher.guard.victim import Child, Member
 from watcher.parse import status_fields
 from watcher.procfs import ProcFS
 
@@ -43,3 +46,36 @@ def read_children(procfs: ProcFS, postmaster_pid: int) -> list[Child]:
             )
         )
     return children
+
+
+def read_members(procfs: ProcFS, pids: list[int]) -> list[Member]:
+    """What the kernel's OOM killer would weigh for each of `pids` (watcher.guard.victim.
+    kernel_choice). Kernel threads (no VmRSS) and processes gone meanwhile are skipped."""
+    members: list[Member] = []
+    for pid in pids:
+        try:
+            fields = status_fields(procfs.read_text(pid, "status"), "VmRSS", "VmSwap", "VmPTE")
+            if "VmRSS" not in fields:
+                continue
+            adj = procfs.oom_score_adj(pid)
+        except (ProcessGone, AccessDenied, ValueError):
+            continue
+        members.append(
+            Member(pid, _kib(fields, "VmRSS"), _kib(fields, "VmSwap"), _kib(fields, "VmPTE"), adj)
+        )
+    return members
+
+
+def read_private(procfs: ProcFS, pid: int, start_ticks: int) -> Optional[int]:
+    """One backend's private memory now (RssAnon + swap); None once it has exited (or its
+    PID belongs to another process)."""
+    try:
+        stat = procfs.stat(pid)
+        if stat.starttime_ticks != start_ticks or stat.state in ("Z", "X"):
+            return None
+        fields = status_fields(procfs.read_text(pid, "status"), "RssAnon", "VmSwap")
+    except (ProcessGone, AccessDenied):
+        return None
+    if "RssAnon" not in fields:
+        return None  # a zombie's mm is gone: so is its memory
+    return _kib(fields, "RssAnon") + _kib(fields, "VmSwap")

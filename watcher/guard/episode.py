@@ -3,12 +3,18 @@ machine driven by two calls, `on_pressure()` (the kernel woke us) and `on_timer(
 deadline the guard asked for passed). It reads through injected callables and signals
 through one, so unit tests drive it with fake samples and a fake clock.
 
-WATCHING  --pressure, working set >= threshold, a victim-->  ACTING (SIGINT sent; SIGTERM
+WATCHING  --pressure, working set >= threshold, a victim,
+            the kernel's own choice is PostgreSQL-->          ACTING (SIGINT sent; SIGTERM
                                                               for an idle session)
-ACTING    --working set < relief level-->                    WATCHING (outcome: relieved)
-ACTING    --grace over, after SIGINT-->                      ACTING (SIGTERM sent)
-ACTING    --grace over, after SIGTERM-->                     COOLDOWN (outcome: no relief)
-COOLDOWN  --cooldown over, at the next pressure-->           WATCHING
+ACTING    --working set < relief level, or < threshold
+            with the victim's memory given back-->            WATCHING (outcome: relieved)
+ACTING    --the victim gave its memory back, the working
+            set is still >= threshold-->                      ACTING on the next victim
+                                                              (outcome: not_enough), at most
+                                                              max_victims in one episode
+ACTING    --grace over, after SIGINT-->                       ACTING (SIGTERM sent)
+ACTING    --grace over, after SIGTERM-->                      COOLDOWN (outcome: no relief)
+COOLDOWN  --cooldown over, at the next pressure-->            WATCHING
 
 Only ACTING has a timer (every check interval, until relief or the grace ends): while
 memory is fine the guard costs no wakeup at all.
@@ -26,7 +32,7 @@ from loguru import logger
 
 from watcher.guard.memory import Sample
 from watcher.guard.signals import Sent
-from watcher.guard.victim import Candidate, Child, choose
+from watcher.guard.victim import Candidate, Child, Member, choose, kernel_choice
 
 MIB = 1 << 20
 
@@ -38,6 +44,7 @@ COOLDOWN = "cooldown"
 RELIEVED = "relieved"
 NO_RELIEF = "no_relief"
 GONE = "gone"
+NOT_ENOUGH = "not_enough"  # the victim gave its memory back; the working set stayed high
 DENIED = "denied"
 DRY_RUN = "dry_run"
 
@@ -57,12 +64,16 @@ class GuardSettings:
     # Relief is the working set back below the threshold by this share of the limit: a
     # cancel that gives back a few pages of executor memory while the session keeps the
     # rest (local buffers, caches) has not ended the episode.
+    # A victim whose memory came back (it exited, or its private memory fell to this share
+    # of what it held) relieves as soon as the working set is below the threshold itself.
     relief_margin_pct: float = 5.0
-    # The victim must also hold this share of the limit: the guard stops the query that
-    # explains the pressure, not the largest of many bystanders. Measured with the OOM
-    # harness's non-postgres hog: without it, an idle session of ~12 of 300 MiB was
-    # terminated and the kernel killed the hog anyway.
-    victim_share_pct: float = 10.0
+    released_fraction: float = 0.5
+    # Victims in one episode. When one victim's memory is back and the working set is still
+    # above the threshold, many sessions share the blame (the OOM harness's many-backends:
+    # ~50 sessions of 5-12 MiB each): the next-largest is stopped, up to this many, as long
+    # as the kernel would still take a PostgreSQL process. Each costs at most one session;
+    # the kernel's kill would cost all of them and a crash restart.
+    max_victims: int = 3
 
     def threshold_bytes(self, limit_bytes: int) -> int:
         return int(limit_bytes * self.threshold_pct / 100.0)
@@ -77,6 +88,7 @@ class Counters:
     actions: dict[tuple[str, str], int] = field(default_factory=dict)  # (signal, outcome)
     kernel_oom_events: int = 0
     no_victim: int = 0
+    stood_aside: int = 0  # the kernel's choice was not PostgreSQL's: left to the kernel
 
 
 @dataclass
@@ -87,6 +99,7 @@ class _Act:
     signal_ns: int
     sample: Sample  # the reading that decided it
     grace_until_s: float
+    victims: int = 1  # this victim's place in its episode
 
 
 class Guard:
@@ -100,7 +113,14 @@ class Guard:
         settings: GuardSettings,
         report: Optional[Report] = None,
         clock_ns: Callable[[], int] = time.monotonic_ns,
+        members: Callable[[], list[Member]] = list,
+        private_of: Optional[Callable[[int, int], Optional[int]]] = None,
+        group_kill: Callable[[], bool] = lambda: False,
     ) -> None:
+        """`members`: the processes of the memory group as the kernel's OOM killer weighs
+        them ([] where unknown: the guard then acts as if the kernel would take PostgreSQL).
+        `private_of(pid, start)`: a victim's private memory now, None once it is gone (None:
+        relief only by the margin). `group_kill`: an OOM kill would take the whole group."""
         self.postmaster_pid = postmaster_pid
         self.group_name = group_name
         self._sample = sample
@@ -109,6 +129,10 @@ class Guard:
         self.settings = settings
         self._report = report or (lambda name, fields: None)
         self._clock_ns = clock_ns
+        self._members = members
+        self._private_of = private_of
+        self._group_kill = group_kill
+        self._episode_pids: set[int] = set()
         self.state = WATCHING
         self.counters = Counters()
         self.last_sample: Optional[Sample] = None
@@ -116,7 +140,7 @@ class Guard:
         self._act: Optional[_Act] = None
         self._next_check_s: Optional[float] = None
         self._cooldown_until_s = 0.0
-        self._no_victim_logged = False
+        self._quiet_logged = False  # "no victim" / "not PostgreSQL" said once per episode
 
     # --- the two entry points ------------------------------------------------------------
 
@@ -135,7 +159,8 @@ class Guard:
             if now_s < self._cooldown_until_s:
                 return
             self.state = WATCHING
-        self._decide(event_ns)
+        self._episode_pids = set()
+        self._decide(event_ns, 0)
 
     def deadline_s(self) -> Optional[float]:
         """The monotonic time (s) the guard wants on_timer() called; None: no timer."""
@@ -148,7 +173,8 @@ class Guard:
             return
         now_ns = self._clock_ns()
         sample = self._read()
-        if self._relieved(sample):
+        released = self._released(act)
+        if self._relieved(sample, released):
             assert sample is not None
             self._finish(act, RELIEVED, now_ns, sample)
             # The episode is over: the next crossing is a new allocation, a new episode
@@ -159,6 +185,17 @@ class Guard:
             self._next_check_s = None
             self.state = WATCHING
             return
+        if released:
+            # The victim's memory is back and the working set is still high: it was one of
+            # several. The next-largest, while the kernel would still take PostgreSQL.
+            self._finish(act, NOT_ENOUGH, now_ns, sample)
+            self._act = None
+            self.state = WATCHING
+            if act.victims < self.settings.max_victims:
+                self._decide(act.event_ns, act.victims)
+            if self.state != ACTING and self._still_high():
+                self._cool_down(now_ns)  # no one left to stop, or not PostgreSQL's to stop
+            return
         if now_ns / 1e9 < act.grace_until_s:
             self._next_check_s = now_ns / 1e9 + self.settings.check_interval_s
             return
@@ -166,7 +203,9 @@ class Guard:
         if act.signum == signal.SIGINT:
             # The cancel did not give the memory back (the backend ignored it, or what it
             # holds is the session's, not the query's): end the session, as a DBA would.
-            self._signal(act.candidate, signal.SIGTERM, act.event_ns, sample or act.sample)
+            self._signal(
+                act.candidate, signal.SIGTERM, act.event_ns, sample or act.sample, act.victims
+            )
         else:
             # Never SIGKILL: that is the crash restart the guard exists to prevent. The
             # kernel remains the last resort.
@@ -174,51 +213,83 @@ class Guard:
 
     # --- deciding ------------------------------------------------------------------------
 
-    def _decide(self, event_ns: int) -> None:
+    def _decide(self, event_ns: int, victims: int) -> None:
+        """Choose and signal the next victim of this episode (`victims` so far), or say once
+        why there is none."""
         sample = self._read()
         if sample is None or sample.limit_bytes is None:
             return
         threshold = self.settings.threshold_bytes(sample.limit_bytes)
         if sample.working_set_bytes < threshold:
             # Page cache, or a v1 threshold crossed on the way down: not pressure.
-            self._no_victim_logged = False
+            self._quiet_logged = False
             return
-        floor = max(
-            self.settings.floor_bytes,
-            int(sample.limit_bytes * self.settings.victim_share_pct / 100.0),
-        )
-        candidate = choose(self._children(), floor)
+        children = self._children()
+        floor = self.settings.floor_bytes
+        candidate = choose([c for c in children if c.pid not in self._episode_pids], floor)
         if candidate is None:
             self.counters.no_victim += 1
-            if not self._no_victim_logged:
-                self._no_victim_logged = True
-                logger.warning(
-                    "guard: {} at {:.0f} of {:.0f} MiB (working set), no client backend of "
-                    "postmaster {} holds more than {:.0f} MiB: nothing the guard may stop",
-                    self.group_name,
-                    sample.working_set_bytes / MIB,
-                    sample.limit_bytes / MIB,
-                    self.postmaster_pid,
-                    floor / MIB,
-                )
+            self._say_once(
+                "guard: {} at {:.0f} of {:.0f} MiB (working set), no client backend of "
+                "postmaster {} holds more than {:.0f} MiB: nothing the guard may stop",
+                self.group_name,
+                sample.working_set_bytes / MIB,
+                sample.limit_bytes / MIB,
+                self.postmaster_pid,
+                floor / MIB,
+            )
+            return
+        chosen = self._kernel_would_take(sample.limit_bytes)
+        postgres = {self.postmaster_pid, *(c.pid for c in children)}
+        if chosen is not None and chosen.pid not in postgres and not self._group_kill():
+            # An OOM kill here costs PostgreSQL nothing: stopping a session would only lose
+            # it (measured with the harness's non-postgres hog: an idle session terminated,
+            # and the kernel killed the hog anyway).
+            self.counters.stood_aside += 1
+            self._say_once(
+                "guard: {} at {:.0f} of {:.0f} MiB (working set): the kernel's OOM killer "
+                "would take pid {}, which is not PostgreSQL: left to the kernel",
+                self.group_name,
+                sample.working_set_bytes / MIB,
+                sample.limit_bytes / MIB,
+                chosen.pid,
+            )
             return
         # An idle session's memory is the session's: a cancel would only cost the grace.
         first = signal.SIGTERM if candidate.idle else signal.SIGINT
-        self._signal(candidate, first, event_ns, sample)
+        self._signal(candidate, first, event_ns, sample, victims + 1)
+
+    def _kernel_would_take(self, limit_bytes: int) -> Optional[Member]:
+        try:
+            members = self._members()
+        except OSError as err:
+            logger.debug("guard: cannot list the tasks of {}: {}", self.group_name, err)
+            return None
+        return kernel_choice(members, limit_bytes)
+
+    def _say_once(self, message: str, *args: Any) -> None:
+        if not self._quiet_logged:
+            self._quiet_logged = True
+            logger.warning(message, *args)
 
     def _signal(
-        self, candidate: Candidate, signum: signal.Signals, event_ns: int, sample: Sample
+        self,
+        candidate: Candidate,
+        signum: signal.Signals,
+        event_ns: int,
+        sample: Sample,
+        victims: int,
     ) -> None:
         now_ns = self._clock_ns()
-        act = _Act(
-            candidate, signum, event_ns, now_ns, sample, now_ns / 1e9 + self.settings.grace_s
-        )
+        self._episode_pids.add(candidate.pid)
+        grace_until_s = now_ns / 1e9 + self.settings.grace_s
+        act = _Act(candidate, signum, event_ns, now_ns, sample, grace_until_s, victims)
         if self.settings.dry_run:
             self._finish(act, DRY_RUN, now_ns, sample)
             self._cool_down(now_ns)
             return
         sent = self._send(candidate.pid, candidate.start_ticks, signum)
-        act = _Act(candidate, signum, event_ns, self._clock_ns(), sample, act.grace_until_s)
+        act = _Act(candidate, signum, event_ns, self._clock_ns(), sample, grace_until_s, victims)
         if sent is Sent.SENT:
             self._act = act
             self.state = ACTING
@@ -239,7 +310,7 @@ class Guard:
         self.state = WATCHING
         self._act = None
         if signum == signal.SIGINT:
-            self._decide(event_ns)
+            self._decide(event_ns, victims - 1)
         else:
             self._cool_down(now_ns)
 
@@ -271,6 +342,7 @@ class Guard:
             RELIEVED: f"relieved in {relief_ms:.1f} ms" if relief_ms is not None else "relieved",
             NO_RELIEF: f"no relief within {self.settings.grace_s:g} s",
             GONE: "the backend was gone before the signal",
+            NOT_ENOUGH: "its memory came back, the working set stayed above the threshold",
             DENIED: "permission denied",
             DRY_RUN: "dry run",
         }[outcome]
@@ -308,12 +380,32 @@ class Guard:
         self._next_check_s = None
         self._cooldown_until_s = now_ns / 1e9 + self.settings.cooldown_s
 
-    def _relieved(self, sample: Optional[Sample]) -> bool:
-        return (
-            sample is not None
-            and sample.limit_bytes is not None
-            and sample.working_set_bytes < self.settings.relief_bytes(sample.limit_bytes)
-        )
+    def _still_high(self) -> bool:
+        latest = self.last_sample
+        if latest is None or latest.limit_bytes is None:
+            return False
+        return latest.working_set_bytes >= self.settings.threshold_bytes(latest.limit_bytes)
+
+    def _released(self, act: _Act) -> bool:
+        """The victim has given its memory back: it exited, or its private memory fell to
+        `released_fraction` of what it held when chosen."""
+        if self._private_of is None:
+            return False
+        try:
+            now = self._private_of(act.candidate.pid, act.candidate.start_ticks)
+        except OSError:
+            return False
+        if now is None:
+            return True
+        return now <= act.candidate.private_bytes * self.settings.released_fraction
+
+    def _relieved(self, sample: Optional[Sample], released: bool) -> bool:
+        if sample is None or sample.limit_bytes is None:
+            return False
+        limit = sample.limit_bytes
+        if sample.working_set_bytes < self.settings.relief_bytes(limit):
+            return True
+        return released and sample.working_set_bytes < self.settings.threshold_bytes(limit)
 
     def _read(self) -> Optional[Sample]:
         try:
@@ -339,5 +431,6 @@ class Guard:
             "pressure_events": sum(self.counters.pressure_events.values()),
             "actions": sum(self.counters.actions.values()),
             "kernel_oom_events": self.counters.kernel_oom_events,
+            "stood_aside": self.counters.stood_aside,
             "last_action": self.last_action,
         }

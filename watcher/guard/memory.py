@@ -26,6 +26,10 @@ from watcher.memcg import parse_flat_keyed, parse_limit
 from watcher.memcg import working_set as memcg_working_set
 
 _READ_BYTES = 65536
+# Bounds of the walk over a group's tasks (the kernel's OOM candidates, for kernel_choice).
+_MAX_MEMBERS = 16384
+_MAX_GROUPS = 256
+_MAX_DEPTH = 16
 
 
 @dataclass(frozen=True)
@@ -154,3 +158,67 @@ class MemoryReader:
                 read_small(f"{where}/memory.max") if where else None,
             )
         return host_sample(read_small(f"{d}/meminfo"))
+
+    def member_pids(self, procfs_root: str = "/proc") -> list[int]:
+        """The processes the kernel's OOM killer chooses among when this group runs out of
+        memory: every task of the cgroup that holds the limit and of the cgroups below it (for
+        the host, every process). Bounded: a group may be full of sub-cgroups its tenant made."""
+        if self.group.version == 0:
+            try:
+                return [int(name) for name in os.listdir(procfs_root) if name.isdigit()]
+            except OSError:
+                return []
+        top = self.group.limit_directory or self.group.directory
+        pids: list[int] = []
+        pending, seen = [(top, 0)], 0
+        while pending and seen < _MAX_GROUPS and len(pids) < _MAX_MEMBERS:
+            directory, depth = pending.pop()
+            seen += 1
+            try:
+                text = _read_bounded(f"{directory}/cgroup.procs", _MAX_MEMBERS * 8)
+                pids.extend(int(word) for word in text.split() if word.isdigit())
+                if depth < _MAX_DEPTH:
+                    with os.scandir(directory) as entries:
+                        for entry in entries:
+                            if entry.is_dir(follow_symlinks=False):
+                                pending.append((entry.path, depth + 1))
+            except OSError:
+                continue  # removed while walked: its tasks are gone or moved
+        return pids[:_MAX_MEMBERS]
+
+    def group_kill(self) -> bool:
+        """Whether an OOM kill here takes the whole cgroup (v2 memory.oom.group set on the
+        postmaster's cgroup or on one between it and the cgroup that holds the limit, which
+        the kernel's mem_cgroup_get_oom_group walks). Then any OOM kill costs PostgreSQL every
+        backend, whoever the kernel picks."""
+        if self.group.version != 2:
+            return False
+        top = os.path.normpath(self.group.limit_directory or self.group.directory)
+        directory = os.path.normpath(self.group.directory)
+        for _ in range(_MAX_DEPTH * 2):
+            try:
+                if read_small(f"{directory}/memory.oom.group").strip() == "1":
+                    return True
+            except OSError:
+                pass
+            if directory == top or os.path.dirname(directory) == directory:
+                return False
+            directory = os.path.dirname(directory)
+        return False
+
+
+def _read_bounded(path: str, limit: int) -> str:
+    """Up to `limit` bytes of a cgroup file that may be longer than one read (cgroup.procs)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks: list[bytes] = []
+        size = 0
+        while size < limit:
+            chunk = os.read(fd, min(_READ_BYTES, limit - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks).decode("ascii", "replace")
+    finally:
+        os.close(fd)

@@ -13,6 +13,12 @@ guard does the same, from the process title each child sets:
 
 The victim is the client backend with the most private memory (RssAnon + swap; RssShmem is
 shared buffers it touched, which a cancel does not give back), if that is above a floor.
+
+Whether the guard acts at all is decided by `kernel_choice`: the process the kernel's OOM
+killer would take from the same memory group. When that is not PostgreSQL (a hog beside it),
+the OOM kill costs PostgreSQL nothing and the guard stays out of the way; when it is a
+backend or the postmaster, stopping one backend the way a DBA would is cheaper than the kill
+and the crash restart that follows it.
 """
 
 from __future__ import annotations
@@ -159,6 +165,47 @@ def choose(children: list[Child], floor_bytes: int) -> Optional[Candidate]:
         workers.get(pid, 0),
         idle=is_idle(chosen.argv) and not workers.get(pid),
     )
+
+
+@dataclass(frozen=True)
+class Member:
+    """A process the kernel's OOM killer could choose: one task of the memory group (or, for
+    the host, of the system), with what mm/oom_kill.c's oom_badness() reads."""
+
+    pid: int
+    rss_bytes: int  # VmRSS: anon + file + shmem, all of which the kernel counts
+    swap_bytes: int
+    page_table_bytes: int
+    score_adj: int
+
+    def badness(self, total_bytes: int) -> Optional[int]:
+        """oom_badness() in bytes: what the process holds plus oom_score_adj thousandths of
+        the memory the OOM is about (the group's limit, or the host's RAM). None: never
+        chosen (-1000)."""
+        if self.score_adj <= -1000:
+            return None
+        held = self.rss_bytes + self.swap_bytes + self.page_table_bytes
+        return held + self.score_adj * (total_bytes // 1000)
+
+
+def kernel_choice(members: list[Member], total_bytes: int) -> Optional[Member]:
+    """The member the kernel would kill if the group ran out of memory now, by the kernel's
+    own arithmetic. Between equals the kernel keeps the last one its task walk meets, an
+    order not visible from here; this keeps the lower PID. The process growing now only climbs this
+    ranking until the OOM, so the choice made at the guard's threshold holds at the limit."""
+    best: Optional[Member] = None
+    best_points = 0
+    for member in members:
+        points = member.badness(total_bytes)
+        if points is None:
+            continue
+        if (
+            best is None
+            or points > best_points
+            or (points == best_points and member.pid < best.pid)
+        ):
+            best, best_points = member, points
+    return best
 
 
 def display_title(argv: list[str], limit: int = TITLE_MAX_CHARS) -> str:
