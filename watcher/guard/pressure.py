@@ -9,7 +9,10 @@ No timer and no polling while memory is fine: each source asks the kernel to wak
   kernel's OOM killer ran: the guard was too late or had no victim).
 - cgroup v2: a PSI trigger on memory.pressure (POLLPRI when tasks stalled on memory for
   longer than the trigger's budget within its window) and memory.events (POLLPRI when a
-  counter such as `max` or `oom_kill` changes).
+  counter such as `max` or `oom_kill` changes), opened twice: "events" for the counters
+  that mean pressure, "oom" when the kernel's OOM killer ran (v1's memory.oom_control).
+  Measured in the VM (docs/guard.md, cgroup v2): both wake only once usage is at
+  memory.max; nothing on v2 notifies below the limit unless memory.high is set.
 - the bare host: a PSI trigger on /proc/pressure/memory.
 
 Each wakeup is only a reason to take a Sample: the guard decides on the working set, never
@@ -24,6 +27,7 @@ import select
 from dataclasses import dataclass
 
 from watcher.guard.memory import MemoryGroup
+from watcher.memcg import parse_flat_keyed
 
 # A PSI trigger: wake when tasks of the group were stalled on memory for STALL_US in any
 # WINDOW_US. Unprivileged writers need a window that is a multiple of 2 s; root may use 1 s.
@@ -144,6 +148,7 @@ class PsiPressure(PressureSource):
 
     def __init__(self, pressure_file: str, events_file: str = "") -> None:
         super().__init__()
+        self._seen: dict[int, tuple[int, int]] = {}  # memory.events fd -> OOM counters read
         self.description = (
             f"PSI trigger some {PSI_STALL_US // 1000} ms per window on {pressure_file}"
         )
@@ -152,9 +157,12 @@ class PsiPressure(PressureSource):
                 Registration(self._trigger(pressure_file), select.EPOLLPRI, "psi")
             )
             if events_file:
-                fd = os.open(events_file, os.O_RDONLY | os.O_CLOEXEC)
-                self.registrations.append(Registration(fd, select.EPOLLPRI, "events"))
-                self._rearm(fd)
+                # One open file per meaning: kernfs wakes every open file of memory.events
+                # on each change, and each compares the counters it last read.
+                for signal in ("events", "oom"):
+                    fd = os.open(events_file, os.O_RDONLY | os.O_CLOEXEC)
+                    self.registrations.append(Registration(fd, select.EPOLLPRI, signal))
+                    self._seen[fd] = _oom_counters(self._rearm(fd))
                 self.description += " + memory.events"
         except OSError as err:
             self.close()
@@ -176,16 +184,31 @@ class PsiPressure(PressureSource):
         return fd
 
     @staticmethod
-    def _rearm(fd: int) -> None:
+    def _rearm(fd: int) -> str:
         # kernfs reports POLLPRI until the file is read again from the start.
         os.lseek(fd, 0, os.SEEK_SET)
-        os.read(fd, 4096)
+        return os.read(fd, 4096).decode("ascii", "replace")
 
     def drain(self, registration: Registration) -> int:
-        if registration.signal == "events":
-            self._rearm(registration.fd)
-        # A PSI trigger needs no read: the kernel clears the event when poll reports it.
-        return 1
+        if registration.fd not in self._seen:
+            # A PSI trigger needs no read: the kernel clears the event when poll reports it.
+            return 1
+        before = self._seen[registration.fd]
+        now = self._seen[registration.fd] = _oom_counters(self._rearm(registration.fd))
+        killed = now != before
+        if registration.signal == "oom":
+            return 1 if killed else 0
+        # The kernel's OOM killer ran since the last read: memory.events' `max` changed with
+        # it, but the readings now are of a group whose victim is still being reaped
+        # (measured with the OOM harness's hog: the guard then terminated an idle session
+        # as "the kernel's next choice"). The "oom" registration reports it.
+        return 0 if killed else 1
+
+
+def _oom_counters(events_text: str) -> tuple[int, int]:
+    """memory.events' OOM invocations and kills (oom, oom_kill)."""
+    counters = parse_flat_keyed(events_text)
+    return counters.get("oom", 0), counters.get("oom_kill", 0)
 
 
 def open_pressure(group: MemoryGroup, threshold_bytes: int, limit_bytes: int = 0) -> PressureSource:

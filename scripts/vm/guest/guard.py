@@ -12,11 +12,17 @@ from __future__ import annotations
 
 import os
 import re
+import select
+import subprocess
 import sys
+import time
 
+from scripts.oomharness.cgroup import MemoryCgroup, enter
 from scripts.oomharness.scenarios import BIG_QUERY, HOG, MANY_BACKENDS
 from scripts.vm.guest.registry import Context, Failed, Figures, check, expect
 from scripts.vm.guest.support import harness_run, run
+from watcher.guard.memory import MemoryGroup, MemoryReader
+from watcher.guard.pressure import open_pressure
 
 # Production scores where the kernel takes them (the VM has CAP_SYS_RESOURCE): pgoom at
 # -900, children reset to 0 by PG_OOM_ADJUST_VALUE.
@@ -244,4 +250,110 @@ def guard_benchmark(ctx: Context) -> Figures:
     )
     expect(figures.get("fp_actions") == "0", "the guard acted below the threshold", **figures)
     expect(figures.get("idle_wakeups") == "0", "the guard woke while memory was idle", **figures)
+    return figures
+
+
+# --- when cgroup v2 tells the guard anything -------------------------------------------------
+
+# Grows by touched 1 MiB blocks (charged at once) past the limit: the kernel kills it.
+_GROW = """
+import sys
+blocks = []
+for _ in range(int(sys.argv[1])):
+    blocks.append(b"\\x01" * (1 << 20))
+"""
+MIB = 1 << 20
+
+
+@check(
+    "guard cgroup v2: pressure source: PSI / memory.events wake the guard before the OOM kill",
+    modes=("full",),
+)
+def pressure_window(ctx: Context) -> Figures:
+    """The guard's v2 source (watcher/guard/pressure.py) on the real kernel, without the
+    guard: a process grows through a 300 MiB limit (after 40 MiB of page cache, as a
+    PostgreSQL cgroup has). Records every wakeup with the usage and working set then, and
+    how long before the kernel's OOM kill the first one came: the window the guard has on
+    cgroup v2, where nothing notifies below the limit unless memory.high is set."""
+    limit = 300 * MIB
+    memcg = MemoryCgroup(limit, prefix="pgoom-vm-psi")
+    reader = MemoryReader(MemoryGroup(2, memcg.path, memcg.path))
+    source = open_pressure(reader.group, int(limit * 0.9), limit)
+    poller = select.epoll()
+    by_fd = {r.fd: r for r in source.registrations}
+    for registration in source.registrations:
+        poller.register(registration.fd, registration.mask)
+    wakeups: list[tuple[float, str, float, float]] = []  # (s, signal, usage MiB, ws MiB)
+    cache = f"/var/tmp/pgoom-vm-psi-{os.getpid()}"
+    grower = None
+    try:
+        into = lambda: enter(memcg.procs_file)  # noqa: E731 - preexec_fn
+        subprocess.run(
+            ["dd", "if=/dev/zero", f"of={cache}", "bs=1M", "count=40", "status=none"],
+            preexec_fn=into,
+            check=True,
+        )
+        subprocess.run(["cat", cache], stdout=subprocess.DEVNULL, preexec_fn=into, check=True)
+        for fd, _ in poller.poll(0):  # what the page-cache fill itself raised
+            source.drain(by_fd[fd])
+        before = reader.sample()
+        started = time.monotonic()
+        grower = subprocess.Popen([sys.executable, "-c", _GROW, "600"], preexec_fn=into)
+        kill_s = None
+        while time.monotonic() - started < 300:
+            for fd, _ in poller.poll(0.05):
+                now = time.monotonic() - started
+                source.drain(by_fd[fd])
+                sample = reader.sample()
+                wakeups.append(
+                    (
+                        now,
+                        by_fd[fd].signal,
+                        sample.usage_bytes / MIB,
+                        sample.working_set_bytes / MIB,
+                    )
+                )
+            if kill_s is None and memcg.oom_kills():
+                kill_s = time.monotonic() - started
+            if grower.poll() is not None:
+                break
+        if kill_s is None and memcg.oom_kills():
+            kill_s = time.monotonic() - started
+    finally:
+        if grower is not None and grower.poll() is None:
+            grower.kill()
+            grower.wait()
+        source.close()
+        poller.close()
+        if os.path.exists(cache):
+            os.unlink(cache)
+        memcg.remove()
+    first = wakeups[0] if wakeups else None
+    before_kill = [w for w in wakeups if kill_s is None or w[0] <= kill_s]
+    by_signal: dict[str, int] = {}
+    for w in wakeups:
+        by_signal[w[1]] = by_signal.get(w[1], 0) + 1
+    figures: Figures = {
+        "start_usage_mib": round(before.usage_bytes / MIB, 1),
+        "start_working_set_mib": round(before.working_set_bytes / MIB, 1),
+        "oom_kill_s": None if kill_s is None else round(kill_s, 3),
+        "wakeups": by_signal,
+        "wakeups_before_kill": len(before_kill),
+        "first_wakeup": None
+        if first is None
+        else {
+            "s": round(first[0], 3),
+            "signal": first[1],
+            "usage_mib": round(first[2], 1),
+            "working_set_mib": round(first[3], 1),
+        },
+        "first_wakeup_before_kill_ms": None
+        if first is None or kill_s is None
+        else round((kill_s - first[0]) * 1000, 1),
+        "wakeups_trace": [
+            [round(a, 3), b, round(c, 1), round(d, 1)] for a, b, c, d in wakeups[:40]
+        ],
+    }
+    expect(kill_s is not None, "the grower reached no OOM kill (nothing was tested)", **figures)
+    expect(before_kill, "no wakeup before the kernel's OOM kill", **figures)
     return figures
