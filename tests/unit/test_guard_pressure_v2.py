@@ -54,3 +54,15 @@ def test_a_kernel_oom_kill_is_reported_once_and_not_as_pressure(tmp_path: Path) 
         assert source.drain(oom) == 0
     finally:
         source.close()
+
+
+def test_a_stall_that_came_with_a_kill_is_not_pressure(tmp_path: Path) -> None:
+    source, events = _source(tmp_path)
+    psi, _, oom = source.registrations
+    try:
+        events.write_text(EVENTS.format(max=9, oom=1, kill=1))
+        assert source.drain(psi) == 0
+        assert source.drain(oom) == 1
+        assert source.drain(psi) == 1  # the next stall, with no new kill, is pressure
+    finally:
+        source.close()

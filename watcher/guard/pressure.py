@@ -148,14 +148,14 @@ class PsiPressure(PressureSource):
 
     def __init__(self, pressure_file: str, events_file: str = "") -> None:
         super().__init__()
-        self._seen: dict[int, tuple[int, int]] = {}  # memory.events fd -> OOM counters read
+        self._seen: dict[int, tuple[int, int]] = {}  # fd -> OOM counters it last saw
+        self._events_file = events_file
         self.description = (
             f"PSI trigger some {PSI_STALL_US // 1000} ms per window on {pressure_file}"
         )
         try:
-            self.registrations.append(
-                Registration(self._trigger(pressure_file), select.EPOLLPRI, "psi")
-            )
+            psi = self._trigger(pressure_file)
+            self.registrations.append(Registration(psi, select.EPOLLPRI, "psi"))
             if events_file:
                 # One open file per meaning: kernfs wakes every open file of memory.events
                 # on each change, and each compares the counters it last read.
@@ -163,6 +163,7 @@ class PsiPressure(PressureSource):
                     fd = os.open(events_file, os.O_RDONLY | os.O_CLOEXEC)
                     self.registrations.append(Registration(fd, select.EPOLLPRI, signal))
                     self._seen[fd] = _oom_counters(self._rearm(fd))
+                self._seen[psi] = self._oom_counters_now()
                 self.description += " + memory.events"
         except OSError as err:
             self.close()
@@ -189,19 +190,36 @@ class PsiPressure(PressureSource):
         os.lseek(fd, 0, os.SEEK_SET)
         return os.read(fd, 4096).decode("ascii", "replace")
 
+    def _oom_counters_now(self) -> tuple[int, int]:
+        """memory.events read through a file of its own: reading it does not consume the
+        notification the "events" and "oom" files are waiting to report."""
+        fd = os.open(self._events_file, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return _oom_counters(os.read(fd, 4096).decode("ascii", "replace"))
+        finally:
+            os.close(fd)
+
     def drain(self, registration: Registration) -> int:
-        if registration.fd not in self._seen:
-            # A PSI trigger needs no read: the kernel clears the event when poll reports it.
+        fd = registration.fd
+        if fd not in self._seen:
+            # The host's PSI trigger: the kernel clears the event when poll reports it.
             return 1
-        before = self._seen[registration.fd]
-        now = self._seen[registration.fd] = _oom_counters(self._rearm(registration.fd))
+        before = self._seen[fd]
+        try:
+            if registration.signal == "psi":
+                now = self._oom_counters_now()  # PSI itself needs no read
+            else:
+                now = _oom_counters(self._rearm(fd))
+        except OSError:
+            return 1  # the cgroup is going away: a wakeup all the same, the guard reads
+        self._seen[fd] = now
         killed = now != before
         if registration.signal == "oom":
             return 1 if killed else 0
-        # The kernel's OOM killer ran since the last read: memory.events' `max` changed with
-        # it, but the readings now are of a group whose victim is still being reaped
-        # (measured with the OOM harness's hog: the guard then terminated an idle session
-        # as "the kernel's next choice"). The "oom" registration reports it.
+        # The kernel's OOM killer ran since this file's last look: the stall and the `max`
+        # changes came with it, but the group's readings now are of a victim still being
+        # reaped (measured in the VM with the OOM harness's hog: the guard then terminated
+        # an idle session as "the kernel's next choice"). The "oom" registration reports it.
         return 0 if killed else 1
 
 
