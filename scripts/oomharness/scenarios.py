@@ -33,7 +33,7 @@ UNPROTECTED = "unprotected"
 PROTECTED = "protected"
 GUARDED = "guarded"  # protected, and `pgoom watch --guard`
 WATCHED = (PROTECTED, GUARDED)  # the modes with a pgoom watch running
-GUARD_THRESHOLD_PCT = 90  # pgoom watch --guard's default --guard-threshold-pct
+GUARD_RELIEF_PCT = 85  # pgoom watch --guard's default threshold (90 %) minus its margin
 GUARD_SETTLE_S = 1.5  # the guard's default grace (1 s), and its log line
 
 # PostgreSQL's line when a child died by a signal and it resets every session.
@@ -605,10 +605,12 @@ class Harness:
         single backend ever outgrows the postmaster, so when the last step pushes the group
         over its limit, the postmaster is the largest process. Stops at the first kill.
         With `push`, if `limit` sessions fit, the last one keeps growing until the OOM.
-        `settle` (guarded runs): above the guard's threshold, the next session waits until
-        that is true or the guard's grace has passed, as a client waits for its last query:
-        the guard logs an action once its outcome is known, milliseconds after the signal,
-        and a session opened in between would be a second incident, not this one."""
+        `settle` (guarded runs): near the guard's threshold (at its relief level or above:
+        the query that just ended may have crossed it and been relieved), the next session
+        waits until that is true or the guard's grace has passed, as a client waits for its
+        last query: the guard logs an action once its outcome is known, milliseconds after
+        the signal, and a session opened in between would be a second incident, not this
+        one. Each run measures one incident."""
         snap = self.snapshot(pm)
         hold_mb = self.config.hold_mb
         for _ in range(limit):
@@ -625,7 +627,7 @@ class Harness:
                 f"from generate_series(1, {hold_mb * 8}) i;",
                 60,
             )
-            if settle is not None and self.cgroup.usage_bytes() >= self._guard_threshold_bytes():
+            if settle is not None and self.cgroup.usage_bytes() >= self._guard_relief_bytes():
                 try:
                     wait_for(settle, GUARD_SETTLE_S, 0.01, what="the guard's outcome")
                 except TimeoutError:
@@ -648,8 +650,8 @@ class Harness:
                 )
         return snap
 
-    def _guard_threshold_bytes(self) -> int:
-        return int(self.config.limit_mb * (1 << 20) * GUARD_THRESHOLD_PCT / 100)
+    def _guard_relief_bytes(self) -> int:
+        return int(self.config.limit_mb * (1 << 20) * GUARD_RELIEF_PCT / 100)
 
     def _calibrate(self, session: Session, pm: int) -> int:
         """--hold-mb 0: size the hold so that a full backend stays ~4 MiB below the

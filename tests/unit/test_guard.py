@@ -14,8 +14,8 @@ import pytest
 from loguru import logger
 
 from tests.unit.fakeproc import SAMPLES, FakeProc
-from watcher.guard.children import read_children
-from watcher.guard.episode import ACTING, COOLDOWN, WATCHING, Guard, GuardSettings
+from watcher.guard.children import read_children, read_members
+from watcher.guard.episode import ACTING, COOLDOWN, OBSERVING, WATCHING, Guard, GuardSettings
 from watcher.guard.locate import NotVisible, locate
 from watcher.guard.memory import (
     MemoryGroup,
@@ -291,6 +291,40 @@ def test_children_are_read_with_their_memory(tmp_path: Path) -> None:
     assert read_children(tree.procfs, 999) == []  # a postmaster that went away
 
 
+def test_members_are_weighed_and_the_dying_told_apart(tmp_path: Path) -> None:
+    tree = FakeProc(tmp_path)
+    tree.install("postmaster", pid=100, ppid=1)
+    tree.install("backend", pid=102, ppid=100)
+    tree.install("backend", pid=103, ppid=100)  # SIGKILL pending: being killed
+    tree.install("backend", pid=104, ppid=100)  # exiting: its memory map already gone
+    tree.install("kthreadd", pid=2, ppid=0)
+    set_memory(tree, 102, 300 * 1024)
+    status = tree.proc / "103" / "status"
+    status.write_text(re.sub(r"ShdPnd:\s+\w+", "ShdPnd:\t0000000000000100", status.read_text()))
+    status = tree.proc / "104" / "status"
+    status.write_text(re.sub(r"\n(Vm|Rss)\w+:[^\n]*", "", status.read_text()))
+    members = {m.pid: m for m in read_members(tree.procfs, [100, 102, 103, 104, 2, 999])}
+    # No kernel thread; 999, listed but gone when read, exited meanwhile: dying too.
+    assert sorted(members) == [100, 102, 103, 104, 999]
+    assert [pid for pid, m in members.items() if m.dying] == [103, 104, 999]
+    vmrss = re.search(r"VmRSS:\s+(\d+)", (tree.proc / "102" / "status").read_text())
+    assert vmrss is not None and members[102].rss_bytes == int(vmrss.group(1)) * 1024
+    # On the host a task without a memory map is a kernel thread, not a dying process.
+    host = read_members(tree.procfs, [2, 104], in_cgroup=False)
+    assert host == []
+
+
+def test_while_a_task_of_the_group_is_dying_the_guard_waits() -> None:
+    fake = Fake()
+    fake.others = [Member(500, 0, 0, 0, 1000, dying=True)]  # the kernel's victim, exiting
+    fake.ws_mib = 290
+    fake.guard.on_pressure("threshold")
+    assert fake.sent == [] and fake.guard.counters.kill_under_way == 1
+    fake.others = []
+    fake.guard.on_pressure("threshold")
+    assert fake.sent == [(11, "SIGINT")]
+
+
 # --- signals -----------------------------------------------------------------------------------
 
 
@@ -503,12 +537,51 @@ def test_no_client_backend_above_the_floor_means_no_action() -> None:
     fake = Fake()
     fake.children = [
         child(10, "postgres: checkpointer", 250),
-        child(12, "postgres: b db [local] x", 3),
+        child(12, "postgres: b db [local] idle", 3),
     ]
-    fake.ws_mib = 295  # a hog that is not PostgreSQL: the kernel's business
+    fake.ws_mib = 295
     for _ in range(3):
         fake.guard.on_pressure("vmpressure")
     assert fake.sent == [] and fake.guard.counters.no_victim == 3
+
+
+def test_a_running_query_that_is_not_growing_below_the_floor_is_left_alone() -> None:
+    fake = Fake()
+    fake.children = [child(12, "postgres: b db [local] SELECT", 3)]
+    fake.ws_mib = 295
+    fake.guard.on_pressure("vmpressure")
+    assert fake.guard.state == OBSERVING and fake.guard.deadline_s() is not None
+    fake.tick()
+    assert fake.sent == [] and fake.guard.counters.no_victim == 1
+    assert fake.guard.state == WATCHING and fake.guard.deadline_s() is None
+
+
+def sessions_and_one_query(fake: Fake) -> None:
+    many_idle_sessions(fake, count=3)
+    fake.children.append(child(30, "postgres: u db [local] SELECT", 4))
+
+
+def test_the_query_growing_fastest_is_cancelled_when_the_largest_is_idle() -> None:
+    """The harness's many-backends: sessions of settings, and one query in flight adding
+    more. The idle ones are larger; the query is what pushes (and is below the floor)."""
+    fake = Fake()
+    sessions_and_one_query(fake)
+    fake.ws_mib = 272
+    fake.guard.on_pressure("threshold")
+    assert fake.sent == [] and fake.guard.state == OBSERVING
+    fake.children[-1] = child(30, "postgres: u db [local] SELECT", 5)
+    fake.tick()
+    assert fake.sent == [(30, "SIGINT")]
+
+
+def test_without_a_growing_query_the_largest_idle_session_is_terminated() -> None:
+    fake = Fake()
+    sessions_and_one_query(fake)
+    fake.ws_mib = 272
+    fake.guard.on_pressure("threshold")
+    fake.children[-1] = child(30, "postgres: u db [local] SELECT", 4.1)  # < 256 KiB more
+    fake.tick()
+    assert fake.sent == [(20, "SIGTERM")]
 
 
 def test_a_hog_the_kernel_would_take_is_left_to_the_kernel() -> None:

@@ -111,7 +111,9 @@ class Guards:
             lambda p, s, signum: send(procfs, p, s, signum),
             self.settings,
             self._on_report,
-            members=lambda: read_members(procfs, reader.member_pids(procfs.root)),
+            members=lambda: read_members(
+                procfs, reader.member_pids(procfs.root), in_cgroup=group.version != 0
+            ),
             private_of=lambda p, s: read_private(procfs, p, s),
             group_kill=reader.group_kill,
         )
