@@ -638,6 +638,24 @@ def test_one_terminated_session_of_many_relieves_below_the_threshold() -> None:
     assert fake.guard.state == WATCHING
 
 
+@pytest.mark.parametrize(("after_mib", "outcome"), [(273, "relieved"), (275, "not_enough")])
+def test_a_release_that_shows_in_the_working_set_relieves_above_the_threshold(
+    after_mib: float, outcome: str
+) -> None:
+    """Down by at least half the victim's 12 MiB, nothing growing: relieved, although still
+    above 270 (a second session terminated for the last MiB would be lost for nothing).
+    Down by less: something else is growing as fast, the next victim follows."""
+    fake = Fake()
+    many_idle_sessions(fake)
+    fake.ws_mib = 280
+    fake.guard.on_pressure("threshold")
+    fake.gone.add(20)
+    fake.ws_mib = after_mib
+    fake.settle()
+    assert fake.actions()[0] == (20, "SIGTERM", outcome)
+    assert (fake.sent[-1][0] == 21) == (outcome == "not_enough")
+
+
 def test_several_victims_when_one_is_not_enough_and_never_more_than_the_bound() -> None:
     fake = Fake(max_victims=3, cooldown_s=10)
     many_idle_sessions(fake)
