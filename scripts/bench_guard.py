@@ -4,6 +4,8 @@ it, the guard (watcher.guard.Guards, the code `pgoom watch --guard` runs) in-pro
     flock /var/lock/pgoom-itest.lock .venv/bin/python scripts/bench_guard.py \
         [--runs 20] [--hold-s 120] [--idle-s 20] [--limit-mb 300]
 
+- baseline: `--baseline-runs` runaway queries nobody stops (the guard in dry run): the time
+  from the guard's threshold to the kernel's OOM kill, the window the guard has.
 - latency: `--runs` runaway queries (array_agg over a target-list generate_series, ~175 MB/s
   here): pressure event received -> signal sent (p50/p99), signal -> working set back below
   the relief level (threshold - 5 points), and the share of runs in which the guard acted
@@ -22,8 +24,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from typing import Any
+from typing import Any, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -44,21 +47,80 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def start_guard(memcg: MemoryCgroup, pm: int) -> tuple[Guards, GuardLoop]:
+def start_guard(memcg: MemoryCgroup, pm: int, dry_run: bool = False) -> tuple[Guards, GuardLoop]:
     actions: list[dict[str, Any]] = []
-    guards = Guards(
-        GuardSettings(),
-        ProcFS(),
-        report=lambda name, fields: actions.append(fields) if name == "guard_action" else None,
-    )
+    holder: list[GuardLoop] = []
+
+    def report(name: str, fields: dict[str, Any]) -> None:
+        if name == "guard_action":
+            actions.append(fields)
+            if holder and holder[0].on_action is not None:
+                holder[0].on_action(fields)
+
+    guards = Guards(GuardSettings(dry_run=dry_run), ProcFS(), report=report)
     group = MemoryGroup(memcg.version, memcg.path, memcg.path if memcg.version == 2 else None)
     guards.guard(pm, ProcFS().stat(pm).starttime_ticks, group)
     loop = GuardLoop(guards)
     loop.actions = actions
+    holder.append(loop)
     return guards, loop
 
 
-def latency(cluster: HarnessCluster, memcg: MemoryCgroup, runs: int) -> None:
+def headroom(cluster: HarnessCluster, memcg: MemoryCgroup, runs: int) -> list[float]:
+    """The baseline, in the same run: how long the runaway query takes from the guard's
+    threshold to the kernel's OOM kill when nobody stops it (the guard in dry run marks the
+    threshold; the memcg's oom_kill counter, read every millisecond, marks the kill). The
+    guard's event -> signal time is judged as a share of this window."""
+    windows_ms: list[float] = []
+    for index in range(1, runs + 1):
+        window = _one_window(cluster, memcg)
+        if window is None:
+            print(f"baseline {index}/{runs}: no threshold mark or no kill")
+            continue
+        windows_ms.append(window)
+        print(f"baseline {index}/{runs}: threshold -> OOM kill {window:.1f} ms", flush=True)
+    if windows_ms:
+        print(
+            f"unguarded, threshold -> the kernel's OOM kill: p50 "
+            f"{statistics.median(windows_ms):.1f} ms, min {min(windows_ms):.1f} ms "
+            f"over {len(windows_ms)} runs"
+        )
+    return windows_ms
+
+
+def _one_window(cluster: HarnessCluster, memcg: MemoryCgroup) -> Optional[float]:
+    runaway = Session(cluster)
+    runaway.run("select 1;")
+    oom_before = memcg.oom_kills()
+    marks: list[int] = []
+    killed: list[int] = []
+    guards, loop = start_guard(memcg, cluster.postmaster_pid(), dry_run=True)
+    loop.on_action = lambda fields: marks.append(time.monotonic_ns())
+
+    def watch_kill() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and memcg.oom_kills() == oom_before:
+            time.sleep(0.001)
+        killed.append(time.monotonic_ns())
+
+    watcher = threading.Thread(target=watch_kill, daemon=True)
+    watcher.start()
+    try:
+        runaway.run(BIG_QUERY, 120)
+        watcher.join(125)
+    finally:
+        loop.stop()
+        guards.close()
+        runaway.close()
+        cluster.wait_ready(60)
+    if not (marks and killed and memcg.oom_kills() > oom_before):
+        return None
+    return (killed[0] - marks[0]) / 1e6
+
+
+def latency(
+    cluster: HarnessCluster, memcg: MemoryCgroup, runs: int, windows_ms: list[float]
+) -> None:
     pm = cluster.postmaster_pid()
     event_us: list[float] = []
     relief_ms: list[float] = []
@@ -99,6 +161,11 @@ def latency(cluster: HarnessCluster, memcg: MemoryCgroup, runs: int) -> None:
             f"max {max(relief_ms):.1f} ms"
         )
     print(f"guard acted before the kernel's OOM killer: {first}/{runs} runs")
+    if event_us and windows_ms:
+        share = percentile(event_us, 0.99) / 1000 / min(windows_ms)
+        print(
+            f"event -> signal p99 as a share of the shortest unguarded window: {100 * share:.1f} %"
+        )
 
 
 def false_positives(cluster: HarnessCluster, memcg: MemoryCgroup, hold_s: float) -> None:
@@ -112,6 +179,7 @@ def false_positives(cluster: HarnessCluster, memcg: MemoryCgroup, hold_s: float)
         step += 1
         holder.run(f"select set_config('bench.hold{step}', repeat('x', 1048576), false);")
     held = reader.sample()
+    oom_before = memcg.oom_kills()
     guards, loop = start_guard(memcg, pm)
     deadline = time.monotonic() + hold_s
     fills = 0
@@ -149,7 +217,7 @@ def false_positives(cluster: HarnessCluster, memcg: MemoryCgroup, hold_s: float)
         f"MiB ({100 * held.working_set_bytes / memcg.limit_bytes:.0f} %) for {hold_s:g} s, "
         f"{fills} page-cache fills to the limit (highest usage {highest / MIB:.0f} MiB): "
         f"{sum(guard.counters.pressure_events.values())} pressure events, "
-        f"{len(loop.actions)} actions, OOM kills {memcg.oom_kills()}"
+        f"{len(loop.actions)} actions, OOM kills {memcg.oom_kills() - oom_before}"
     )
     holder.close()
     worker.close()
@@ -167,6 +235,7 @@ def idle(cluster: HarnessCluster, memcg: MemoryCgroup, idle_s: float) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--baseline-runs", type=int, default=3, help="unguarded runs")
     parser.add_argument("--hold-s", type=float, default=120.0)
     parser.add_argument("--idle-s", type=float, default=20.0)
     parser.add_argument("--limit-mb", type=int, default=300)
@@ -183,8 +252,9 @@ def main() -> int:
         cluster.start()
         if args.idle_s:
             idle(cluster, memcg, args.idle_s)
+        windows_ms = headroom(cluster, memcg, args.baseline_runs) if args.baseline_runs else []
         if args.runs:
-            latency(cluster, memcg, args.runs)
+            latency(cluster, memcg, args.runs, windows_ms)
         if args.hold_s:
             false_positives(cluster, memcg, args.hold_s)
     finally:
