@@ -8,8 +8,8 @@ registers that single fd in its own selector; the guard's PSI and kernfs files n
 which selectors cannot ask for, so they live in the guard's own epoll.
 
 - memory.py   reading a group's usage, working set and limit (pure parsers + thin reader)
-- pressure.py the kernel's notifications per cgroup version, as fds (and which of them
-              are heard at most once per interval: v1's memory.pressure_level)
+- pressure.py the kernel's notifications per cgroup version, as fds (and how long one that
+              fires on every reclaim pass, v1's memory.pressure_level, need not be heard)
 - victim.py   which child may be stopped, and which one is (pure)
 - children.py reading the postmaster's children
 - signals.py  SIGINT/SIGTERM after a (pid, start time) re-check, through a pidfd
@@ -30,7 +30,7 @@ from loguru import logger
 from watcher.errors import AccessDenied, ProcessGone
 from watcher.events import Adjusted, Exited, Failed, Kept, Notice
 from watcher.guard.children import read_children
-from watcher.guard.episode import Guard, GuardSettings, Report
+from watcher.guard.episode import WATCHING, Guard, GuardSettings, Report
 from watcher.guard.locate import NotVisible, locate
 from watcher.guard.memory import MemoryGroup, MemoryReader
 from watcher.guard.pressure import (
@@ -40,6 +40,7 @@ from watcher.guard.pressure import (
     Quiet,
     Registration,
     open_pressure,
+    quiet_s,
 )
 from watcher.guard.signals import send
 from watcher.guard.state import remove_state, write_state
@@ -223,23 +224,32 @@ class Guards:
         self.publish()
 
     def _take(self, entry: _Entry, registration: Registration, received_ns: int) -> None:
-        entry.guard.on_pressure(registration.signal, received_ns)
-        if registration.quiet_s > 0:
+        guard = entry.guard
+        before = guard.last_sample
+        guard.on_pressure(registration.signal, received_ns)
+        sample = guard.last_sample
+        if registration.quiet_s <= 0 or guard.state != WATCHING or sample is before:
+            return  # acting, cooling down or not read: as the kernel notifies
+        if sample is None or sample.limit_bytes is None:
+            return
+        threshold_bytes = self.settings.threshold_bytes(sample.limit_bytes)
+        quiet = quiet_s(sample.working_set_bytes, threshold_bytes, registration.quiet_s)
+        if quiet > 0:
             # Not listened to for a while: the kernel keeps counting in the eventfd, and
             # _hear() takes what came meanwhile as one wakeup.
             self._epoll.modify(registration.fd, 0)
-            self._quiet.hush(registration.fd, received_ns / 1e9, registration.quiet_s)
+            self._quiet.hush(registration.fd, received_ns / 1e9, quiet)
 
     def _hear(self, fd: int, now_ns: int) -> None:
         found = self._by_fd.get(fd)
         if found is None:
             return
         entry, registration = found
+        # Listen again (nothing came: at no cost until the kernel notifies), then take what
+        # came meanwhile, which may make it quiet again.
+        self._epoll.modify(registration.fd, registration.mask)
         if entry.source.drain(registration):
-            self._take(entry, registration, now_ns)  # and quiet again
-        else:
-            # Nothing came: listen again, at no cost until the kernel notifies.
-            self._epoll.modify(registration.fd, registration.mask)
+            self._take(entry, registration, now_ns)
 
     def deadline_s(self) -> Optional[float]:
         deadlines = [d for e in self.entries.values() if (d := e.guard.deadline_s()) is not None]

@@ -16,9 +16,10 @@ Each wakeup is only a reason to take a Sample: the guard decides on the working 
 on the notification alone (a v1 threshold also fires on the way down).
 
 memory.pressure_level fires on every reclaim pass, so a registration carries `quiet_s`: after
-the guard took one of its wakeups it stops listening to that fd for this long and then takes
-whatever arrived meanwhile as one wakeup (watcher.guard.Guards does the listening; `Quiet`
-keeps the times).
+one of its wakeups read the working set below the threshold, the guard stops listening to
+that fd for up to this long (`quiet_s()`: less the closer the working set is to the
+threshold) and then takes whatever arrived meanwhile as one wakeup (watcher.guard.Guards
+does the listening; `Quiet` keeps the times).
 """
 
 from __future__ import annotations
@@ -36,13 +37,17 @@ from watcher.guard.memory import MemoryGroup
 PSI_STALL_US = 50_000
 PSI_WINDOW_US = 1_000_000
 PSI_UNPRIVILEGED_WINDOW_US = 2_000_000
-# v1 vmpressure under page-cache churn at the limit: ~200 wakeups a second, each reading the
-# working set where it was (measured: docs/guard.md, "Wakeups under page-cache churn"). After
-# one, the guard does not listen to it for this long. The usage thresholds stay armed, so a
-# runaway allocation still wakes it at once; vmpressure alone (usage pinned at the limit by
-# cache while private memory grows under it) is heard within this delay, which at the
-# harness's ~175 MB/s is 9 MB, 3 % of a 300 MiB limit.
+# v1 vmpressure under page-cache churn at the limit: ~260 wakeups a second, each reading the
+# working set where it was (docs/guard.md, "Wakeups under page-cache churn"). After one that
+# read below the threshold, the guard does not listen to it for as long as the working set
+# needs to reach the threshold growing at FASTEST_GROWTH_BYTES_PER_S, and at most this long.
+# The usage thresholds stay armed, but they do not help here: with cache holding usage at the
+# limit, private memory grows under it without crossing any (measured: a runaway query under
+# churn was heard through vmpressure only), so the bound comes from the headroom.
 VMPRESSURE_QUIET_S = 0.05
+# Twice the fastest growth measured here: a runaway array_agg under page-cache churn grew the
+# working set by up to 500 MB/s over 10 ms (260 MB/s over 50 ms).
+FASTEST_GROWTH_BYTES_PER_S = 1 << 30
 
 
 class PressureUnavailable(RuntimeError):
@@ -54,7 +59,17 @@ class Registration:
     fd: int
     mask: int  # epoll events: EPOLLIN for eventfds, EPOLLPRI for PSI and kernfs files
     signal: str  # "threshold", "vmpressure", "oom", "psi", "events"
-    quiet_s: float = 0.0  # after a wakeup, not listened to for this long (0: always)
+    quiet_s: float = 0.0  # longest not listened to after a wakeup below the threshold
+
+
+def quiet_s(working_set_bytes: int, threshold_bytes: int, longest_s: float) -> float:
+    """How long a notification need not be listened to after a reading of `working_set_bytes`:
+    the time the working set needs to reach the threshold at FASTEST_GROWTH_BYTES_PER_S, so
+    the next reading comes before it can get there; 0 at or above the threshold."""
+    headroom_bytes = threshold_bytes - working_set_bytes
+    if headroom_bytes <= 0 or longest_s <= 0:
+        return 0.0
+    return min(longest_s, headroom_bytes / FASTEST_GROWTH_BYTES_PER_S)
 
 
 class Quiet:
@@ -144,7 +159,7 @@ class V1Pressure(PressureSource):
         levels = v1_thresholds(threshold_bytes, limit_bytes or threshold_bytes)
         self.description = (
             f"cgroup v1: {len(levels)} usage threshold(s) from {threshold_bytes >> 20} MiB "
-            f"+ vmpressure (at most one wakeup per {vmpressure_quiet_s * 1000:g} ms) "
+            f"+ vmpressure (quiet up to {vmpressure_quiet_s * 1000:g} ms below the threshold) "
             "+ oom_control"
         )
         try:
