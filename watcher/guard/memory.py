@@ -18,12 +18,13 @@ deciding on it terminated the idle session: a false positive this definition doe
 Usage and memory.stat are two files, read one after the other: the kernel gives no snapshot
 of both. Page cache can vanish between the two reads (a file truncated or deleted drops all
 of its cache at once), and usage read before it minus the cache left after it is memory
-nobody holds. Measured here (cgroup v1, 300 MiB, 255 MiB held, the CPUs busy): the guard's
+nobody holds. Measured here (cgroup v1, 300 MiB, 255 MiB held, both CPUs busy): the guard's
 thread read usage (299 MiB), was off the CPU for 104 ms while dd's O_TRUNC dropped 42 MiB of
 cache, then read memory.stat: a "working set" of 299 MiB where 257 were in use, above the
-270 MiB threshold, and the idle 255 MiB session was terminated. So `MemoryReader` reads usage
-before and after memory.stat and keeps a reading only when the two agree and the reads were
-quick (see `steady`).
+270 MiB threshold. With a busy thread in the guard's process the same happened often enough
+for the guard to terminate the idle 244 MiB session. So `MemoryReader` reads usage before
+and after memory.stat and keeps a reading only when the two agree and the reads were quick
+(see `steady`).
 """
 
 from __future__ import annotations
