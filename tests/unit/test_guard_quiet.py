@@ -26,7 +26,7 @@ from watcher.guard.pressure import (
     Registration,
     V1Pressure,
     _eventfd,
-    quiet_s,
+    quiet_for_s,
 )
 from watcher.procfs import ProcFS
 
@@ -180,14 +180,14 @@ def test_the_closer_to_the_threshold_the_shorter_the_quiet(tmp_path: Path) -> No
         s.guards.close()
 
 
-def test_quiet_s_is_the_headroom_at_the_fastest_growth() -> None:
-    assert quiet_s(260 * MIB, 270 * MIB, 0.05) == pytest.approx(
+def test_quiet_is_the_headroom_at_the_fastest_growth() -> None:
+    assert quiet_for_s(260 * MIB, 270 * MIB, 0.05) == pytest.approx(
         10 * MIB / FASTEST_GROWTH_BYTES_PER_S
     )
-    assert quiet_s(10 * MIB, 270 * MIB, 0.05) == 0.05  # far below: the longest
-    assert quiet_s(270 * MIB, 270 * MIB, 0.05) == 0.0
-    assert quiet_s(280 * MIB, 270 * MIB, 0.05) == 0.0
-    assert quiet_s(10 * MIB, 270 * MIB, 0.0) == 0.0
+    assert quiet_for_s(10 * MIB, 270 * MIB, 0.05) == 0.05  # far below: the longest
+    assert quiet_for_s(270 * MIB, 270 * MIB, 0.05) == 0.0
+    assert quiet_for_s(280 * MIB, 270 * MIB, 0.05) == 0.0
+    assert quiet_for_s(10 * MIB, 270 * MIB, 0.0) == 0.0
 
 
 def test_quiet_zero_takes_every_wakeup(tmp_path: Path) -> None:

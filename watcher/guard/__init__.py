@@ -40,7 +40,7 @@ from watcher.guard.pressure import (
     Quiet,
     Registration,
     open_pressure,
-    quiet_s,
+    quiet_for_s,
 )
 from watcher.guard.signals import send
 from watcher.guard.state import remove_state, write_state
@@ -233,7 +233,7 @@ class Guards:
         if sample is None or sample.limit_bytes is None:
             return
         threshold_bytes = self.settings.threshold_bytes(sample.limit_bytes)
-        quiet = quiet_s(sample.working_set_bytes, threshold_bytes, registration.quiet_s)
+        quiet = quiet_for_s(sample.working_set_bytes, threshold_bytes, registration.quiet_s)
         if quiet > 0:
             # Not listened to for a while: the kernel keeps counting in the eventfd, and
             # _hear() takes what came meanwhile as one wakeup.

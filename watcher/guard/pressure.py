@@ -17,7 +17,7 @@ on the notification alone (a v1 threshold also fires on the way down).
 
 memory.pressure_level fires on every reclaim pass, so a registration carries `quiet_s`: after
 one of its wakeups read the working set below the threshold, the guard stops listening to
-that fd for up to this long (`quiet_s()`: less the closer the working set is to the
+that fd for up to this long (`quiet_for_s()`: less the closer the working set is to the
 threshold) and then takes whatever arrived meanwhile as one wakeup (watcher.guard.Guards
 does the listening; `Quiet` keeps the times).
 """
@@ -42,8 +42,9 @@ PSI_UNPRIVILEGED_WINDOW_US = 2_000_000
 # read below the threshold, the guard does not listen to it for as long as the working set
 # needs to reach the threshold growing at FASTEST_GROWTH_BYTES_PER_S, and at most this long.
 # The usage thresholds stay armed, but they do not help here: with cache holding usage at the
-# limit, private memory grows under it without crossing any (measured: a runaway query under
-# churn was heard through vmpressure only), so the bound comes from the headroom.
+# limit, private memory grows under it without crossing any, so the bound comes from the
+# headroom (measured: with vmpressure unheard for a flat 50 ms, runaway queries under churn
+# reached the kernel's OOM killer in 2 of 5 runs).
 VMPRESSURE_QUIET_S = 0.05
 # Twice the fastest growth measured here: a runaway array_agg under page-cache churn grew the
 # working set by up to 500 MB/s over 10 ms (260 MB/s over 50 ms).
@@ -62,7 +63,7 @@ class Registration:
     quiet_s: float = 0.0  # longest not listened to after a wakeup below the threshold
 
 
-def quiet_s(working_set_bytes: int, threshold_bytes: int, longest_s: float) -> float:
+def quiet_for_s(working_set_bytes: int, threshold_bytes: int, longest_s: float) -> float:
     """How long a notification need not be listened to after a reading of `working_set_bytes`:
     the time the working set needs to reach the threshold at FASTEST_GROWTH_BYTES_PER_S, so
     the next reading comes before it can get there; 0 at or above the threshold."""
@@ -78,8 +79,8 @@ class Quiet:
     def __init__(self) -> None:
         self._until_s: dict[int, float] = {}
 
-    def hush(self, fd: int, now_s: float, quiet_s: float) -> None:
-        self._until_s[fd] = now_s + quiet_s
+    def hush(self, fd: int, now_s: float, for_s: float) -> None:
+        self._until_s[fd] = now_s + for_s
 
     def forget(self, fd: int) -> None:
         self._until_s.pop(fd, None)
