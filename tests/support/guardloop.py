@@ -41,6 +41,12 @@ class GuardLoop:
         finally:
             poller.close()
 
+    def cpu_s(self) -> float:
+        """CPU time the loop's thread has used so far (user + system): the guard's cost."""
+        ident = self._thread.ident
+        assert ident is not None and self._thread.is_alive()
+        return time.clock_gettime(time.pthread_getcpuclockid(ident))
+
     def stop(self) -> None:
         os.write(self._stop_w, b"x")
         self._thread.join(10)
