@@ -8,7 +8,8 @@
 #      PGOOM_VM_ACCEL=kvm|tcg (default: KVM where it boots, else TCG),
 #      PGOOM_VM_ONLY=TEXT (run only the checks whose name contains TEXT; for development),
 #      PGOOM_VM_GUARD_RUNS=N, PGOOM_VM_GUARD_BASELINE_RUNS=N (full mode: runs per guard
-#      check, default 20, and per unguarded baseline, default 3; short mode runs 1).
+#      check, default 20, and per unguarded baseline, default 3; short mode runs 1),
+#      PGOOM_VM_GUARD_HOLD_S=N (the guard benchmark's --hold-s, default 60).
 # Output: DIR/summary.json, DIR/summary.md, DIR/console.log, DIR/logs/; last line
 # "vm-test: PASS|FAIL (...)". Exit 0 every check passed, 1 a check failed or the guest did
 # not report, 2 bad usage or this host cannot run it.
@@ -22,13 +23,13 @@ while [ $# -gt 0 ]; do
     --mode=*) mode=${1#--mode=}; shift ;;
     --out) out=${2:-}; shift 2 ;;
     --out=*) out=${1#--out=}; shift ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "vm-test: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 case "$mode" in short|full) ;; *) echo "vm-test: --mode is short or full" >&2; exit 2 ;; esac
 [ -n "$out" ] || { echo "vm-test: --out needs a directory" >&2; exit 2; }
-for var in PGOOM_VM_GUARD_RUNS PGOOM_VM_GUARD_BASELINE_RUNS; do
+for var in PGOOM_VM_GUARD_RUNS PGOOM_VM_GUARD_BASELINE_RUNS PGOOM_VM_GUARD_HOLD_S; do
   case "${!var:-1}" in
     *[!0-9]*|0*) echo "vm-test: $var is a number of runs, 1 or more" >&2; exit 2 ;;
   esac
@@ -89,6 +90,7 @@ echo "$mode" > "$stage/mode"
 printf '%s\n' "${PGOOM_VM_ONLY:-}" > "$stage/only"
 printf '%s\n' "${PGOOM_VM_GUARD_RUNS:-}" > "$stage/guard_runs"
 printf '%s\n' "${PGOOM_VM_GUARD_BASELINE_RUNS:-}" > "$stage/guard_baseline_runs"
+printf '%s\n' "${PGOOM_VM_GUARD_HOLD_S:-}" > "$stage/guard_hold_s"
 # Room for the suite's results and the harness's logs; sparse, so 2 GiB costs nothing.
 mkfs.ext4 -q -F -L pgoom-work -d "$stage" "$run/work.img" 2G >/dev/null
 

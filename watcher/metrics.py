@@ -197,8 +197,8 @@ class GuardCollector(Collector):
         yield pressure
         actions = CounterMetricFamily(
             "pgoom_guard_actions",
-            "Signals the guard sent (signal=none: dry run), by outcome (relieved, no_relief, "
-            "gone, denied, dry_run).",
+            "Signals the guard sent (signal=none: dry run), by outcome (relieved, not_enough, "
+            "no_relief, gone, denied, dry_run).",
             labels=["signal", "outcome"],
         )
         for (signal_name, outcome), count in sorted(totals.actions.items()):

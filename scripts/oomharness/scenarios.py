@@ -33,6 +33,8 @@ UNPROTECTED = "unprotected"
 PROTECTED = "protected"
 GUARDED = "guarded"  # protected, and `pgoom watch --guard`
 WATCHED = (PROTECTED, GUARDED)  # the modes with a pgoom watch running
+GUARD_RELIEF_PCT = 85  # pgoom watch --guard's default threshold (90 %) minus its margin
+GUARD_SETTLE_S = 1.5  # the guard's default grace (1 s), and its log line
 
 # PostgreSQL's line when a child died by a signal and it resets every session.
 CRASH_RESTART = "all server processes terminated; reinitializing"
@@ -364,7 +366,10 @@ class Harness:
         def complete() -> bool:
             nonlocal report
             lines.extend(self.kernel.read())
-            report = kmsg.parse(lines, self.cgroup.kernel_path)
+            # The pids too: the kernel rate-limits its OOM report (10 per 5 s), and a report
+            # it suppressed leaves the "Killed process" line without the constraint line
+            # that names the cgroup (seen in 1 of 20 back-to-back hog runs).
+            report = kmsg.parse(lines, self.cgroup.kernel_path, set(snap))
             return len(report.kills) >= monitor.kills
 
         if self.kernel.available:
@@ -494,7 +499,14 @@ class Harness:
         try:
             if run.scenario == MANY_BACKENDS:
                 snap = self._fill(
-                    cluster, run, pm, monitor, sessions, self.config.max_sessions, stop=guard_acted
+                    cluster,
+                    run,
+                    pm,
+                    monitor,
+                    sessions,
+                    self.config.max_sessions,
+                    stop=guard_acted,
+                    settle=guard_acted if guarded else None,
                 )
             elif run.scenario == BIG_QUERY:
                 self._keep_baseline_score(run, pm)
@@ -590,11 +602,18 @@ class Harness:
         limit: int,
         push: bool = True,
         stop: Callable[[], bool] = lambda: False,
+        settle: Optional[Callable[[], bool]] = None,
     ) -> dict[int, tuple[str, int, float]]:
         """Open sessions one by one, each growing its backend in small steps to hold_mb: no
         single backend ever outgrows the postmaster, so when the last step pushes the group
         over its limit, the postmaster is the largest process. Stops at the first kill.
-        With `push`, if `limit` sessions fit, the last one keeps growing until the OOM."""
+        With `push`, if `limit` sessions fit, the last one keeps growing until the OOM.
+        `settle` (guarded runs): near the guard's threshold (at its relief level or above:
+        the query that just ended may have crossed it and been relieved), the next session
+        waits until that is true or the guard's grace has passed, as a client waits for its
+        last query: the guard logs an action once its outcome is known, milliseconds after
+        the signal, and a session opened in between would be a second incident, not this
+        one. Each run measures one incident."""
         snap = self.snapshot(pm)
         hold_mb = self.config.hold_mb
         for _ in range(limit):
@@ -611,6 +630,11 @@ class Harness:
                 f"from generate_series(1, {hold_mb * 8}) i;",
                 60,
             )
+            if settle is not None and self.cgroup.usage_bytes() >= self._guard_relief_bytes():
+                try:
+                    wait_for(settle, GUARD_SETTLE_S, 0.01, what="the guard's outcome")
+                except TimeoutError:
+                    pass  # the guard did nothing: keep pushing, the kernel will decide
             if monitor.kills or not done.ok or stop():
                 break
             self._keep_baseline_score(run, pm)
@@ -628,6 +652,9 @@ class Harness:
                     120,
                 )
         return snap
+
+    def _guard_relief_bytes(self) -> int:
+        return int(self.config.limit_mb * (1 << 20) * GUARD_RELIEF_PCT / 100)
 
     def _calibrate(self, session: Session, pm: int) -> int:
         """--hold-mb 0: size the hold so that a full backend stays ~4 MiB below the

@@ -339,14 +339,17 @@ def test_a_hundred_execs_of_a_hostile_lookalike_log_one_escaped_line(
 # --- not yet tried: PID reuse and identity changes between inspection and write -----------
 
 
-def _reuse_pid(pid: int, spawn: Spawn) -> subprocess.Popen[bytes]:
+def _reuse_pid(pid: int, spawn: Spawn, start: int = -1) -> subprocess.Popen[bytes]:
     """A new process of nobody's with exactly `pid`: ns_last_pid makes the next fork take
-    it (retried: another fork on the host may take the number first)."""
+    it (retried: another fork on the host may take the number first). Not within the clock
+    tick of `start`, the first process's start time: start times count 1/CLK_TCK s, and a
+    reuse inside one tick (which takes ns_last_pid, CAP_SYS_ADMIN) is not what is tested."""
+    procfs = ProcFS()
     for _ in range(200):
         with open("/proc/sys/kernel/ns_last_pid", "w") as f:
             f.write(str(pid - 1))
         proc = spawn(["sleep", "60"], NOBODY)
-        if proc.pid == pid:
+        if proc.pid == pid and procfs.stat(pid).starttime_ticks != start:
             wait_for(lambda: read_score(pid) == 1000, 5, what="the new process at 1000")
             return proc
         proc.kill()
@@ -360,7 +363,7 @@ def test_a_pid_reused_between_inspection_and_write_is_never_written(spawn: Spawn
     start = procfs.stat(victim.pid).starttime_ticks
     victim.kill()
     victim.wait()
-    reused = _reuse_pid(victim.pid, spawn)
+    reused = _reuse_pid(victim.pid, spawn, start)
     result = Adjuster(procfs).set_score(victim.pid, start, 0)
     assert result.outcome is Outcome.GONE
     assert read_score(reused.pid) == 1000

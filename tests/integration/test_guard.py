@@ -105,6 +105,47 @@ def test_runaway_query_is_cancelled_and_nobody_else_loses_anything(
     runaway.close()
 
 
+def test_the_growing_query_is_stopped_not_the_larger_idle_sessions(
+    cluster: HarnessCluster, memcg: MemoryCgroup
+) -> None:
+    """Four idle sessions of ~50 MiB each are the largest backends; a fifth session adds
+    settings in 128 KiB steps until the group crosses the threshold. The guard must stop the
+    session that is growing (cancel, then terminate: settings stay with the session), never
+    one of the idle ones, and the kernel must not kill anything."""
+    pm = cluster.postmaster_pid()
+    idle = [Session(cluster) for _ in range(4)]
+    idle_pids = [backend_pid(s) for s in idle]
+    for session in idle:
+        held = session.run(
+            "select count(set_config('t.h' || i, repeat('x', 1 << 20), false)) "
+            "from generate_series(1, 50) i;"
+        )
+        assert held.ok, held.lines
+    grower = Session(cluster)
+    grower_pid = backend_pid(grower)
+    oom_before = memcg.oom_kills()
+    guards, loop = guarded(memcg, pm, grace_s=0.5)
+    try:
+        grower.run(
+            "select count(set_config('t.g' || i, repeat('x', 131072), false)) "
+            "from generate_series(1, 800) i;",
+            timeout_s=120,
+        )
+        wait_for(lambda: bool(loop.actions), 10, 0.01, what="the guard")
+        wait_for(lambda: not alive(grower_pid) or len(loop.actions) >= 2, 5, 0.01, what="it")
+    finally:
+        loop.stop()
+        guards.close()
+    assert {a["pid"] for a in loop.actions} == {grower_pid}, loop.actions
+    assert loop.actions[0]["signal"] == "SIGINT"
+    assert memcg.oom_kills() == oom_before, "the kernel's OOM killer ran"
+    assert [backend_pid(s) for s in idle] == idle_pids  # every idle session is still there
+    with open(cluster.log_path) as f:
+        assert "terminating any other active server processes" not in f.read()
+    for session in [*idle, grower]:
+        session.close()
+
+
 def test_a_cancel_that_frees_nothing_escalates_to_terminate(
     cluster: HarnessCluster, memcg: MemoryCgroup
 ) -> None:
@@ -215,13 +256,13 @@ def test_working_set_excludes_page_cache(memcg: MemoryCgroup, tmp_path: Any) -> 
     assert sample.working_set_bytes < LIMIT_BYTES * 0.5  # ...and is not its working set
 
 
-# Failed once in three full-suite runs on a fresh clone (11:30 on 2026-12-01) and never in
-# isolation (8 runs) nor in two later full runs; no OOM kill in its memcg at that time. The
-# cause is open under the guard issue: until it is known, CI skips it rather than gambling
-# every submission on it; run locally it asserts as before, with its figures on failure.
-@pytest.mark.skipif(
-    os.environ.get("CI") == "true", reason="intermittent, cause under investigation (guard)"
-)
+# Its intermittent failure (once in three full-suite runs, output not kept) is what a torn
+# reading does: usage read before a stall, memory.stat after dd's O_TRUNC dropped the cache,
+# 299 MiB of "working set" where 257 were in use, the idle holder terminated (reproduced in
+# this scenario with a busy thread in the guard's process). Fixed in MemoryReader
+# (watcher/guard/memory.py), checked deterministically in tests/unit/test_guard_memory.py.
+# A guard that decides on usage fails this test (it terminated the holder when tried); one
+# that takes torn readings, only now and then.
 def test_no_action_at_85_percent_while_the_page_cache_fills_the_rest(
     cluster: HarnessCluster, memcg: MemoryCgroup, tmp_path: Any
 ) -> None:

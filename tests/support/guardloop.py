@@ -8,7 +8,7 @@ import os
 import select
 import threading
 import time
-from typing import Any
+from typing import Any, Callable, Optional
 
 from watcher.guard import Guards
 
@@ -17,6 +17,7 @@ class GuardLoop:
     def __init__(self, guards: Guards) -> None:
         self.guards = guards
         self.actions: list[dict[str, Any]] = []
+        self.on_action: Optional[Callable[[dict[str, Any]], None]] = None  # bench: timestamps
         self.wakeups = 0
         self._stop_r, self._stop_w = os.pipe()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -39,6 +40,12 @@ class GuardLoop:
                 self.guards.on_timer()
         finally:
             poller.close()
+
+    def cpu_s(self) -> float:
+        """CPU time the loop's thread has used so far (user + system): the guard's cost."""
+        ident = self._thread.ident
+        assert ident is not None and self._thread.is_alive()
+        return time.clock_gettime(time.pthread_getcpuclockid(ident))
 
     def stop(self) -> None:
         os.write(self._stop_w, b"x")

@@ -14,8 +14,8 @@ import pytest
 from loguru import logger
 
 from tests.unit.fakeproc import SAMPLES, FakeProc
-from watcher.guard.children import read_children
-from watcher.guard.episode import ACTING, COOLDOWN, WATCHING, Guard, GuardSettings
+from watcher.guard.children import read_children, read_members
+from watcher.guard.episode import ACTING, COOLDOWN, OBSERVING, WATCHING, Guard, GuardSettings
 from watcher.guard.locate import NotVisible, locate
 from watcher.guard.memory import (
     MemoryGroup,
@@ -291,6 +291,40 @@ def test_children_are_read_with_their_memory(tmp_path: Path) -> None:
     assert read_children(tree.procfs, 999) == []  # a postmaster that went away
 
 
+def test_members_are_weighed_and_the_dying_told_apart(tmp_path: Path) -> None:
+    tree = FakeProc(tmp_path)
+    tree.install("postmaster", pid=100, ppid=1)
+    tree.install("backend", pid=102, ppid=100)
+    tree.install("backend", pid=103, ppid=100)  # SIGKILL pending: being killed
+    tree.install("backend", pid=104, ppid=100)  # exiting: its memory map already gone
+    tree.install("kthreadd", pid=2, ppid=0)
+    set_memory(tree, 102, 300 * 1024)
+    status = tree.proc / "103" / "status"
+    status.write_text(re.sub(r"ShdPnd:\s+\w+", "ShdPnd:\t0000000000000100", status.read_text()))
+    status = tree.proc / "104" / "status"
+    status.write_text(re.sub(r"\n(Vm|Rss)\w+:[^\n]*", "", status.read_text()))
+    members = {m.pid: m for m in read_members(tree.procfs, [100, 102, 103, 104, 2, 999])}
+    # No kernel thread; 999, listed but gone when read, exited meanwhile: dying too.
+    assert sorted(members) == [100, 102, 103, 104, 999]
+    assert [pid for pid, m in members.items() if m.dying] == [103, 104, 999]
+    vmrss = re.search(r"VmRSS:\s+(\d+)", (tree.proc / "102" / "status").read_text())
+    assert vmrss is not None and members[102].rss_bytes == int(vmrss.group(1)) * 1024
+    # On the host a task without a memory map is a kernel thread, not a dying process.
+    host = read_members(tree.procfs, [2, 104], in_cgroup=False)
+    assert host == []
+
+
+def test_while_a_task_of_the_group_is_dying_the_guard_waits() -> None:
+    fake = Fake()
+    fake.others = [Member(500, 0, 0, 0, 1000, dying=True)]  # the kernel's victim, exiting
+    fake.ws_mib = 290
+    fake.guard.on_pressure("threshold")
+    assert fake.sent == [] and fake.guard.counters.kill_under_way == 1
+    fake.others = []
+    fake.guard.on_pressure("threshold")
+    assert fake.sent == [(11, "SIGINT")]
+
+
 # --- signals -----------------------------------------------------------------------------------
 
 
@@ -386,6 +420,15 @@ class Fake:
         assert deadline is not None
         self.now_ns = max(self.now_ns, int(deadline * 1e9))
         self.guard.on_timer()
+
+    def settle(self) -> None:
+        """Ticks until the guard has acted on what changed (a released victim is looked at
+        again for release_settle_s before the guard calls it not enough)."""
+        before = len(self.reports)
+        for _ in range(20):
+            if self.guard.deadline_s() is None or len(self.reports) > before:
+                return
+            self.tick()
 
     def actions(self) -> list[tuple[Any, ...]]:
         return [
@@ -494,12 +537,51 @@ def test_no_client_backend_above_the_floor_means_no_action() -> None:
     fake = Fake()
     fake.children = [
         child(10, "postgres: checkpointer", 250),
-        child(12, "postgres: b db [local] x", 3),
+        child(12, "postgres: b db [local] idle", 3),
     ]
-    fake.ws_mib = 295  # a hog that is not PostgreSQL: the kernel's business
+    fake.ws_mib = 295
     for _ in range(3):
         fake.guard.on_pressure("vmpressure")
     assert fake.sent == [] and fake.guard.counters.no_victim == 3
+
+
+def test_a_running_query_that_is_not_growing_below_the_floor_is_left_alone() -> None:
+    fake = Fake()
+    fake.children = [child(12, "postgres: b db [local] SELECT", 3)]
+    fake.ws_mib = 295
+    fake.guard.on_pressure("vmpressure")
+    assert fake.guard.state == OBSERVING and fake.guard.deadline_s() is not None
+    fake.tick()
+    assert fake.sent == [] and fake.guard.counters.no_victim == 1
+    assert fake.guard.state == WATCHING and fake.guard.deadline_s() is None
+
+
+def sessions_and_one_query(fake: Fake) -> None:
+    many_idle_sessions(fake, count=3)
+    fake.children.append(child(30, "postgres: u db [local] SELECT", 4))
+
+
+def test_the_query_growing_fastest_is_cancelled_when_the_largest_is_idle() -> None:
+    """The harness's many-backends: sessions of settings, and one query in flight adding
+    more. The idle ones are larger; the query is what pushes (and is below the floor)."""
+    fake = Fake()
+    sessions_and_one_query(fake)
+    fake.ws_mib = 272
+    fake.guard.on_pressure("threshold")
+    assert fake.sent == [] and fake.guard.state == OBSERVING
+    fake.children[-1] = child(30, "postgres: u db [local] SELECT", 5)
+    fake.tick()
+    assert fake.sent == [(30, "SIGINT")]
+
+
+def test_without_a_growing_query_the_largest_idle_session_is_terminated() -> None:
+    fake = Fake()
+    sessions_and_one_query(fake)
+    fake.ws_mib = 272
+    fake.guard.on_pressure("threshold")
+    fake.children[-1] = child(30, "postgres: u db [local] SELECT", 4.1)  # < 256 KiB more
+    fake.tick()
+    assert fake.sent == [(20, "SIGTERM")]
 
 
 def test_a_hog_the_kernel_would_take_is_left_to_the_kernel() -> None:
@@ -556,6 +638,24 @@ def test_one_terminated_session_of_many_relieves_below_the_threshold() -> None:
     assert fake.guard.state == WATCHING
 
 
+@pytest.mark.parametrize(("after_mib", "outcome"), [(273, "relieved"), (275, "not_enough")])
+def test_a_release_that_shows_in_the_working_set_relieves_above_the_threshold(
+    after_mib: float, outcome: str
+) -> None:
+    """Down by at least half the victim's 12 MiB, nothing growing: relieved, although still
+    above 270 (a second session terminated for the last MiB would be lost for nothing).
+    Down by less: something else is growing as fast, the next victim follows."""
+    fake = Fake()
+    many_idle_sessions(fake)
+    fake.ws_mib = 280
+    fake.guard.on_pressure("threshold")
+    fake.gone.add(20)
+    fake.ws_mib = after_mib
+    fake.settle()
+    assert fake.actions()[0] == (20, "SIGTERM", outcome)
+    assert (fake.sent[-1][0] == 21) == (outcome == "not_enough")
+
+
 def test_several_victims_when_one_is_not_enough_and_never_more_than_the_bound() -> None:
     fake = Fake(max_victims=3, cooldown_s=10)
     many_idle_sessions(fake)
@@ -564,7 +664,9 @@ def test_several_victims_when_one_is_not_enough_and_never_more_than_the_bound() 
     for pid in (20, 21, 22):
         assert fake.sent[-1] == (pid, "SIGTERM")
         fake.gone.add(pid)
-        fake.tick()
+        fake.tick()  # seen released, not yet settled: nothing new
+        assert fake.sent[-1] == (pid, "SIGTERM")
+        fake.settle()
     assert fake.actions() == [(p, "SIGTERM", "not_enough") for p in (20, 21, 22)]
     assert fake.guard.state == COOLDOWN and len(fake.sent) == 3
     fake.guard.on_pressure("threshold")
@@ -583,11 +685,11 @@ def test_a_cancelled_query_that_gave_its_memory_back_is_not_terminated() -> None
     fake.guard.on_pressure("threshold")
     fake.children = [child(11, "postgres: a db [local] SELECT", 2), fake.children[1]]
     fake.ws_mib = 275
-    fake.tick()
+    fake.settle()
     assert fake.sent == [(11, "SIGINT"), (12, "SIGINT")]
     fake.children = [fake.children[0], child(12, "postgres: b db [local] SELECT", 2)]
     fake.ws_mib = 262
-    fake.tick()
+    fake.settle()
     assert fake.actions() == [(11, "SIGINT", "not_enough"), (12, "SIGINT", "relieved")]
 
 

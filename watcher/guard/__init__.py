@@ -8,7 +8,8 @@ registers that single fd in its own selector; the guard's PSI and kernfs files n
 which selectors cannot ask for, so they live in the guard's own epoll.
 
 - memory.py   reading a group's usage, working set and limit (pure parsers + thin reader)
-- pressure.py the kernel's notifications per cgroup version, as fds
+- pressure.py the kernel's notifications per cgroup version, as fds (and how long one that
+              fires on every reclaim pass, v1's memory.pressure_level, need not be heard)
 - victim.py   which child may be stopped, and which one is (pure)
 - children.py reading the postmaster's children
 - signals.py  SIGINT/SIGTERM after a (pid, start time) re-check, through a pidfd
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import select
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -28,10 +30,18 @@ from loguru import logger
 from watcher.errors import AccessDenied, ProcessGone
 from watcher.events import Adjusted, Exited, Failed, Kept, Notice
 from watcher.guard.children import read_children, read_members, read_private
-from watcher.guard.episode import Guard, GuardSettings, Report
+from watcher.guard.episode import WATCHING, Guard, GuardSettings, Report
 from watcher.guard.locate import NotVisible, locate
 from watcher.guard.memory import MemoryGroup, MemoryReader
-from watcher.guard.pressure import PressureSource, PressureUnavailable, Registration, open_pressure
+from watcher.guard.pressure import (
+    VMPRESSURE_QUIET_S,
+    PressureSource,
+    PressureUnavailable,
+    Quiet,
+    Registration,
+    open_pressure,
+    quiet_for_s,
+)
 from watcher.guard.signals import send
 from watcher.guard.state import remove_state, write_state
 from watcher.procfs import ProcFS
@@ -64,7 +74,12 @@ class Guards:
         procfs: Optional[ProcFS] = None,
         report: Optional[Report] = None,
         state_dir: Optional[str] = None,
+        vmpressure_quiet_s: float = VMPRESSURE_QUIET_S,
+        open_source: Callable[..., PressureSource] = open_pressure,
+        clock_ns: Callable[[], int] = time.monotonic_ns,
     ) -> None:
+        """`vmpressure_quiet_s` (0: every wakeup is taken; benchmarks compare), `open_source`
+        and `clock_ns` are injectable for tests."""
         self.settings = settings
         self.procfs = procfs or ProcFS()
         self.totals = Totals()
@@ -75,6 +90,10 @@ class Guards:
         self.entries: dict[int, _Entry] = {}
         self.state_dir = state_dir
         self._published: object = None
+        self.vmpressure_quiet_s = vmpressure_quiet_s
+        self._open_source = open_source
+        self._clock_ns = clock_ns
+        self._quiet = Quiet()
 
     def fileno(self) -> int:
         return self._epoll.fileno()
@@ -96,8 +115,11 @@ class Guards:
             first = reader.sample()
             if first.limit_bytes is None:
                 raise PressureUnavailable(f"{group.name} has no memory limit")
-            source = open_pressure(
-                group, self.settings.threshold_bytes(first.limit_bytes), first.limit_bytes
+            source = self._open_source(
+                group,
+                self.settings.threshold_bytes(first.limit_bytes),
+                first.limit_bytes,
+                self.vmpressure_quiet_s,
             )
         except (PressureUnavailable, NotVisible, ProcessGone, AccessDenied, OSError) as err:
             logger.warning("guard: cannot guard postmaster {}: {}", pid, err)
@@ -111,7 +133,9 @@ class Guards:
             lambda p, s, signum: send(procfs, p, s, signum),
             self.settings,
             self._on_report,
-            members=lambda: read_members(procfs, reader.member_pids(procfs.root)),
+            members=lambda: read_members(
+                procfs, reader.member_pids(procfs.root), in_cgroup=group.version != 0
+            ),
             private_of=lambda p, s: read_private(procfs, p, s),
             group_kill=reader.group_kill,
         )
@@ -175,6 +199,7 @@ class Guards:
             return
         for registration in entry.source.registrations:
             self._by_fd.pop(registration.fd, None)
+            self._quiet.forget(registration.fd)
             try:
                 self._epoll.unregister(registration.fd)
             except OSError:
@@ -193,22 +218,55 @@ class Guards:
 
     def on_ready(self) -> None:
         """Dispatch every notification that is ready now."""
-        received_ns = time.monotonic_ns()
+        received_ns = self._clock_ns()
         for fd, _events in self._epoll.poll(0):
             found = self._by_fd.get(fd)
             if found is None:
                 continue
             entry, registration = found
             if entry.source.drain(registration):
-                entry.guard.on_pressure(registration.signal, received_ns)
+                self._take(entry, registration, received_ns)
         self.publish()
+
+    def _take(self, entry: _Entry, registration: Registration, received_ns: int) -> None:
+        guard = entry.guard
+        before = guard.last_sample
+        guard.on_pressure(registration.signal, received_ns)
+        sample = guard.last_sample
+        if registration.quiet_s <= 0 or guard.state != WATCHING or sample is before:
+            return  # acting, cooling down or not read: as the kernel notifies
+        if sample is None or sample.limit_bytes is None:
+            return
+        threshold_bytes = self.settings.threshold_bytes(sample.limit_bytes)
+        quiet = quiet_for_s(sample.working_set_bytes, threshold_bytes, registration.quiet_s)
+        if quiet > 0:
+            # Not listened to for a while: the kernel keeps counting in the eventfd, and
+            # _hear() takes what came meanwhile as one wakeup.
+            self._epoll.modify(registration.fd, 0)
+            self._quiet.hush(registration.fd, received_ns / 1e9, quiet)
+
+    def _hear(self, fd: int, now_ns: int) -> None:
+        found = self._by_fd.get(fd)
+        if found is None:
+            return
+        entry, registration = found
+        # Listen again (nothing came: at no cost until the kernel notifies), then take what
+        # came meanwhile, which may make it quiet again.
+        self._epoll.modify(registration.fd, registration.mask)
+        if entry.source.drain(registration):
+            self._take(entry, registration, now_ns)
 
     def deadline_s(self) -> Optional[float]:
         deadlines = [d for e in self.entries.values() if (d := e.guard.deadline_s()) is not None]
+        quiet = self._quiet.deadline_s()
+        if quiet is not None:
+            deadlines.append(quiet)
         return min(deadlines, default=None)
 
     def on_timer(self, now_s: Optional[float] = None) -> None:
-        now_s = time.monotonic() if now_s is None else now_s
+        now_s = self._clock_ns() / 1e9 if now_s is None else now_s
+        for fd in self._quiet.due(now_s):
+            self._hear(fd, int(now_s * 1e9))
         for entry in list(self.entries.values()):
             deadline = entry.guard.deadline_s()
             if deadline is not None and now_s >= deadline:

@@ -48,20 +48,52 @@ def read_children(procfs: ProcFS, postmaster_pid: int) -> list[Child]:
     return children
 
 
-def read_members(procfs: ProcFS, pids: list[int]) -> list[Member]:
+_SIGKILL_BIT = 1 << (9 - 1)  # /proc/<pid>/status SigPnd/ShdPnd: bit N-1 is signal N
+
+
+def _sigkill_pending(fields: dict[str, str]) -> bool:
+    for key in ("ShdPnd", "SigPnd"):
+        try:
+            if int(fields.get(key, "0"), 16) & _SIGKILL_BIT:
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+def read_members(procfs: ProcFS, pids: list[int], in_cgroup: bool = True) -> list[Member]:
     """What the kernel's OOM killer would weigh for each of `pids` (watcher.guard.victim.
-    kernel_choice). Kernel threads (no VmRSS) and processes gone meanwhile are skipped."""
+    kernel_choice). A task without a memory map is a kernel thread on the host; in a cgroup
+    (where no kernel thread lives) it is a process exiting, whose memory is on its way back;
+    so is a process listed a moment ago and gone when read."""
     members: list[Member] = []
     for pid in pids:
         try:
-            fields = status_fields(procfs.read_text(pid, "status"), "VmRSS", "VmSwap", "VmPTE")
-            if "VmRSS" not in fields:
+            fields = status_fields(
+                procfs.read_text(pid, "status"),
+                "State", "VmRSS", "VmSwap", "VmPTE", "ShdPnd", "SigPnd", "Kthread",
+            )  # fmt: skip
+            state = fields.get("State", "")[:1]
+            if "VmRSS" not in fields and (not in_cgroup or fields.get("Kthread") == "1"):
                 continue
-            adj = procfs.oom_score_adj(pid)
-        except (ProcessGone, AccessDenied, ValueError):
+            adj = procfs.oom_score_adj(pid) if state not in ("Z", "X") else 0
+        except ProcessGone:
+            # Listed in the group a moment ago and gone now: it exited while the group was
+            # read, and what it held is coming back (or was killed: the same).
+            members.append(Member(pid, 0, 0, 0, 0, dying=True))
             continue
+        except (AccessDenied, ValueError):
+            continue
+        dying = "VmRSS" not in fields or state in ("Z", "X") or _sigkill_pending(fields)
         members.append(
-            Member(pid, _kib(fields, "VmRSS"), _kib(fields, "VmSwap"), _kib(fields, "VmPTE"), adj)
+            Member(
+                pid,
+                _kib(fields, "VmRSS"),
+                _kib(fields, "VmSwap"),
+                _kib(fields, "VmPTE"),
+                adj,
+                dying=dying,
+            )
         )
     return members
 

@@ -14,13 +14,28 @@ twice is on the active list, and kubelet counts it; the kernel still reclaims it
 OOM-kills. Measured here (cgroup v1, 300 MiB, one session holding 256 MiB, a 300 MiB file
 written and read back in a loop): usage minus inactive file reached 295 MiB, and a guard
 deciding on it terminated the idle session: a false positive this definition does not make.
+
+Usage and memory.stat are two files, read one after the other: the kernel gives no snapshot
+of both. Page cache can vanish between the two reads (a file truncated or deleted drops all
+of its cache at once), and usage read before it minus the cache left after it is memory
+nobody holds. Measured here (cgroup v1, 300 MiB, 255 MiB held, both CPUs busy): the guard's
+thread read usage (299 MiB), was off the CPU for 104 ms while dd's O_TRUNC dropped 42 MiB of
+cache, then read memory.stat: a "working set" of 299 MiB where 257 were in use, above the
+270 MiB threshold. With a busy thread in the guard's process the same happened often enough
+for the guard to terminate the idle 244 MiB session. So `MemoryReader` reads usage before
+and after memory.stat and keeps a reading only when the two agree and the reads were quick
+(see `steady`).
 """
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
+
+from loguru import logger
 
 from watcher.memcg import parse_flat_keyed, parse_limit
 from watcher.memcg import working_set as memcg_working_set
@@ -30,6 +45,14 @@ _READ_BYTES = 65536
 _MAX_MEMBERS = 16384
 _MAX_GROUPS = 256
 _MAX_DEPTH = 16
+MIB = 1 << 20
+# A reading whose usage moved by more than 1 % of the limit (the thresholds' step) between
+# the reads before and after memory.stat, or that took longer than this, is taken again. The
+# three reads take 30-190 us here (p50-p99, both CPUs busy); a reading that took 2 ms was
+# interrupted, long enough for cache to be dropped and refilled in between.
+STEADY_WITHIN_NS = 2_000_000
+STEADY_SHARE_PCT = 1.0
+READ_ATTEMPTS = 4
 
 
 @dataclass(frozen=True)
@@ -135,29 +158,65 @@ class MemoryGroup:
         return "host" if self.version == 0 else self.directory
 
 
+def steady(
+    before_bytes: int, after_bytes: int, elapsed_ns: int, limit_bytes: Optional[int]
+) -> bool:
+    """Whether usage read before and after memory.stat (`elapsed_ns` apart) describes the
+    moment memory.stat was read: it barely moved, and nothing could happen in between."""
+    tolerance = max(MIB, int((limit_bytes or 0) * STEADY_SHARE_PCT / 100.0))
+    return abs(after_bytes - before_bytes) <= tolerance and elapsed_ns <= STEADY_WITHIN_NS
+
+
 class MemoryReader:
     """Reads one Sample of a MemoryGroup: three small files on the pressure path (fewer than
-    watcher.memcg's full state, which also reads the OOM counters and flags)."""
+    watcher.memcg's full state, which also reads the OOM counters and flags), usage twice.
+    `read` and `clock_ns` are injectable for unit tests."""
 
-    def __init__(self, group: MemoryGroup) -> None:
+    def __init__(
+        self,
+        group: MemoryGroup,
+        read: Callable[[str], str] = read_small,
+        clock_ns: Callable[[], int] = time.monotonic_ns,
+    ) -> None:
         self.group = group
+        self._read = read
+        self._clock_ns = clock_ns
 
     def sample(self) -> Sample:
         d = self.group.directory
+        read = self._read
+        if self.group.version == 0:
+            return host_sample(read(f"{d}/meminfo"))  # one file: consistent as it is
         if self.group.version == 1:
-            return v1_sample(
-                read_small(f"{d}/memory.usage_in_bytes"),
-                read_small(f"{d}/memory.stat"),
-                read_small(f"{d}/memory.limit_in_bytes"),
-            )
-        if self.group.version == 2:
+            usage_path = f"{d}/memory.usage_in_bytes"
+            limit_text: Optional[str] = read(f"{d}/memory.limit_in_bytes")
+        else:
+            usage_path = f"{d}/memory.current"
             where = self.group.limit_directory
-            return v2_sample(
-                read_small(f"{d}/memory.current"),
-                read_small(f"{d}/memory.stat"),
-                read_small(f"{where}/memory.max") if where else None,
-            )
-        return host_sample(read_small(f"{d}/meminfo"))
+            limit_text = read(f"{where}/memory.max") if where else None
+        for _ in range(READ_ATTEMPTS):
+            start_ns = self._clock_ns()
+            before = read(usage_path)
+            stat = read(f"{d}/memory.stat")
+            after = read(usage_path)
+            elapsed_ns = self._clock_ns() - start_ns
+            # The lower usage: cache dropped between the reads was dropped from usage too
+            # (and cache added in between can only make this reading low, never high).
+            usage = min(before, after, key=int)
+            if self.group.version == 1:
+                assert limit_text is not None
+                sample = v1_sample(usage, stat, limit_text)
+            else:
+                sample = v2_sample(usage, stat, limit_text)
+            if steady(int(before), int(after), elapsed_ns, sample.limit_bytes):
+                return sample
+        logger.debug(
+            "guard: {}: usage kept moving while memory.stat was read ({} attempts); "
+            "taking the lower reading",
+            d,
+            READ_ATTEMPTS,
+        )
+        return sample
 
     def member_pids(self, procfs_root: str = "/proc") -> list[int]:
         """The processes the kernel's OOM killer chooses among when this group runs out of

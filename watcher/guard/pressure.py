@@ -17,6 +17,12 @@ No timer and no polling while memory is fine: each source asks the kernel to wak
 
 Each wakeup is only a reason to take a Sample: the guard decides on the working set, never
 on the notification alone (a v1 threshold also fires on the way down).
+
+memory.pressure_level fires on every reclaim pass, so a registration carries `quiet_s`: after
+one of its wakeups read the working set below the threshold, the guard stops listening to
+that fd for up to this long (`quiet_for_s()`: less the closer the working set is to the
+threshold) and then takes whatever arrived meanwhile as one wakeup (watcher.guard.Guards
+does the listening; `Quiet` keeps the times).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import errno
 import os
 import select
 from dataclasses import dataclass
+from typing import Optional
 
 from watcher.guard.memory import MemoryGroup
 from watcher.memcg import parse_flat_keyed
@@ -34,6 +41,18 @@ from watcher.memcg import parse_flat_keyed
 PSI_STALL_US = 50_000
 PSI_WINDOW_US = 1_000_000
 PSI_UNPRIVILEGED_WINDOW_US = 2_000_000
+# v1 vmpressure under page-cache churn at the limit: ~260 wakeups a second, each reading the
+# working set where it was (docs/guard.md, "Wakeups under page-cache churn"). After one that
+# read below the threshold, the guard does not listen to it for as long as the working set
+# needs to reach the threshold growing at FASTEST_GROWTH_BYTES_PER_S, and at most this long.
+# The usage thresholds stay armed, but they do not help here: with cache holding usage at the
+# limit, private memory grows under it without crossing any, so the bound comes from the
+# headroom (measured: with vmpressure unheard for a flat 50 ms, runaway queries under churn
+# reached the kernel's OOM killer in 2 of 5 runs).
+VMPRESSURE_QUIET_S = 0.05
+# Twice the fastest growth measured here: a runaway array_agg under page-cache churn grew the
+# working set by up to 500 MB/s over 10 ms (260 MB/s over 50 ms).
+FASTEST_GROWTH_BYTES_PER_S = 1 << 30
 
 
 class PressureUnavailable(RuntimeError):
@@ -45,6 +64,41 @@ class Registration:
     fd: int
     mask: int  # epoll events: EPOLLIN for eventfds, EPOLLPRI for PSI and kernfs files
     signal: str  # "threshold", "vmpressure", "oom", "psi", "events"
+    quiet_s: float = 0.0  # longest not listened to after a wakeup below the threshold
+
+
+def quiet_for_s(working_set_bytes: int, threshold_bytes: int, longest_s: float) -> float:
+    """How long a notification need not be listened to after a reading of `working_set_bytes`:
+    the time the working set needs to reach the threshold at FASTEST_GROWTH_BYTES_PER_S, so
+    the next reading comes before it can get there; 0 at or above the threshold."""
+    headroom_bytes = threshold_bytes - working_set_bytes
+    if headroom_bytes <= 0 or longest_s <= 0:
+        return 0.0
+    return min(longest_s, headroom_bytes / FASTEST_GROWTH_BYTES_PER_S)
+
+
+class Quiet:
+    """Which fds are not listened to, until when (monotonic seconds)."""
+
+    def __init__(self) -> None:
+        self._until_s: dict[int, float] = {}
+
+    def hush(self, fd: int, now_s: float, for_s: float) -> None:
+        self._until_s[fd] = now_s + for_s
+
+    def forget(self, fd: int) -> None:
+        self._until_s.pop(fd, None)
+
+    def deadline_s(self) -> Optional[float]:
+        """When the next hushed fd is to be heard again; None: nothing is hushed."""
+        return min(self._until_s.values(), default=None)
+
+    def due(self, now_s: float) -> list[int]:
+        """The fds whose quiet is over at `now_s` (no longer hushed from here on)."""
+        fds = [fd for fd, until_s in self._until_s.items() if now_s >= until_s]
+        for fd in fds:
+            del self._until_s[fd]
+        return fds
 
 
 _EFD_CLOEXEC = 0o2000000  # = O_CLOEXEC
@@ -99,24 +153,35 @@ def v1_thresholds(threshold_bytes: int, limit_bytes: int) -> list[int]:
 
 
 class V1Pressure(PressureSource):
-    def __init__(self, directory: str, threshold_bytes: int, limit_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        directory: str,
+        threshold_bytes: int,
+        limit_bytes: int = 0,
+        vmpressure_quiet_s: float = VMPRESSURE_QUIET_S,
+    ) -> None:
         super().__init__()
         levels = v1_thresholds(threshold_bytes, limit_bytes or threshold_bytes)
         self.description = (
             f"cgroup v1: {len(levels)} usage threshold(s) from {threshold_bytes >> 20} MiB "
-            "+ vmpressure + oom_control"
+            f"+ vmpressure (quiet up to {vmpressure_quiet_s * 1000:g} ms below the threshold) "
+            "+ oom_control"
         )
         try:
             for level in levels:
                 self._register(directory, "memory.usage_in_bytes", str(level), "threshold")
             # "low" in the default mode also receives medium and critical.
-            self._register(directory, "memory.pressure_level", "low", "vmpressure")
+            self._register(
+                directory, "memory.pressure_level", "low", "vmpressure", vmpressure_quiet_s
+            )
             self._register(directory, "memory.oom_control", "", "oom")
         except OSError as err:
             self.close()
             raise PressureUnavailable(f"{directory}: cgroup.event_control: {err.strerror}") from err
 
-    def _register(self, directory: str, target: str, args: str, signal: str) -> None:
+    def _register(
+        self, directory: str, target: str, args: str, signal: str, quiet_s: float = 0.0
+    ) -> None:
         efd = _eventfd()
         try:
             tfd = os.open(f"{directory}/{target}", os.O_RDONLY | os.O_CLOEXEC)
@@ -133,7 +198,7 @@ class V1Pressure(PressureSource):
         except OSError:
             os.close(efd)
             raise
-        self.registrations.append(Registration(efd, select.EPOLLIN, signal))
+        self.registrations.append(Registration(efd, select.EPOLLIN, signal, quiet_s))
 
     def drain(self, registration: Registration) -> int:
         try:
@@ -229,9 +294,14 @@ def _oom_counters(events_text: str) -> tuple[int, int]:
     return counters.get("oom", 0), counters.get("oom_kill", 0)
 
 
-def open_pressure(group: MemoryGroup, threshold_bytes: int, limit_bytes: int = 0) -> PressureSource:
+def open_pressure(
+    group: MemoryGroup,
+    threshold_bytes: int,
+    limit_bytes: int = 0,
+    vmpressure_quiet_s: float = VMPRESSURE_QUIET_S,
+) -> PressureSource:
     if group.version == 1:
-        return V1Pressure(group.directory, threshold_bytes, limit_bytes)
+        return V1Pressure(group.directory, threshold_bytes, limit_bytes, vmpressure_quiet_s)
     if group.version == 2:
         return PsiPressure(f"{group.directory}/memory.pressure", f"{group.directory}/memory.events")
     return PsiPressure(f"{group.directory}/pressure/memory")

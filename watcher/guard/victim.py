@@ -132,10 +132,10 @@ def is_idle(argv: list[str]) -> bool:
     return any(text.endswith(" " + ending) for ending in _IDLE_ENDINGS)
 
 
-def choose(children: list[Child], floor_bytes: int) -> Optional[Candidate]:
-    """The client backend with the most private memory (its parallel workers' included),
-    if above `floor_bytes`; None when no client backend qualifies. Ties go to the lower PID:
-    deterministic, and the older of two equal queries has had its chance."""
+def candidates(children: list[Child]) -> list[Candidate]:
+    """Every client backend of the postmaster as a possible victim, its parallel workers'
+    memory counted towards it, largest first; ties go to the lower PID (deterministic, and
+    the older of two equal queries has had its chance)."""
     kinds = {c.pid: classify(c.argv) for c in children}
     by_pid = {c.pid: c for c in children}
     totals: dict[int, int] = {}
@@ -151,20 +151,43 @@ def choose(children: list[Child], floor_bytes: int) -> Optional[Candidate]:
             if leader is not None and leader.name == CLIENT:
                 totals[kind.leader] = totals.get(kind.leader, 0) + child.private_bytes
                 workers[kind.leader] = workers.get(kind.leader, 0) + 1
-    if not totals:
+    return [
+        Candidate(
+            pid,
+            by_pid[pid].start_ticks,
+            display_title(by_pid[pid].argv),
+            totals[pid],
+            workers.get(pid, 0),
+            idle=is_idle(by_pid[pid].argv) and not workers.get(pid),
+        )
+        for pid in sorted(totals, key=lambda p: (-totals[p], p))
+    ]
+
+
+def choose(children: list[Child], floor_bytes: int) -> Optional[Candidate]:
+    """The client backend with the most private memory (its parallel workers' included),
+    if above `floor_bytes`; None when no client backend qualifies."""
+    found = candidates(children)
+    if not found or found[0].private_bytes <= floor_bytes:
         return None
-    pid = min(totals, key=lambda p: (-totals[p], p))
-    if totals[pid] <= floor_bytes:
-        return None
-    chosen = by_pid[pid]
-    return Candidate(
-        pid,
-        chosen.start_ticks,
-        display_title(chosen.argv),
-        totals[pid],
-        workers.get(pid, 0),
-        idle=is_idle(chosen.argv) and not workers.get(pid),
-    )
+    return found[0]
+
+
+def fastest_growing(
+    before: dict[int, int], children: list[Child], min_growth_bytes: int
+) -> Optional[Candidate]:
+    """The running query (a client backend between BEGIN and the end of a statement, not
+    idle) whose private memory grew the most since `before` (pid -> private bytes), if by
+    at least `min_growth_bytes`: the query asking for memory now."""
+    best: Optional[Candidate] = None
+    best_growth = min_growth_bytes - 1
+    for candidate in candidates(children):
+        if candidate.idle or candidate.pid not in before:
+            continue
+        growth = candidate.private_bytes - before[candidate.pid]
+        if growth > best_growth:
+            best, best_growth = candidate, growth
+    return best
 
 
 @dataclass(frozen=True)
@@ -177,6 +200,9 @@ class Member:
     swap_bytes: int
     page_table_bytes: int
     score_adj: int
+    # Killed and not yet gone (SIGKILL pending, or exiting without its memory map): the
+    # kernel's OOM killer chooses nobody while a victim of its own is still dying.
+    dying: bool = False
 
     def badness(self, total_bytes: int) -> Optional[int]:
         """oom_badness() in bytes: what the process holds plus oom_score_adj thousandths of

@@ -22,7 +22,8 @@ fi
 # Runs per guard check in full mode (vm-test.sh checked they are numbers; empty: defaults).
 PGOOM_VM_GUARD_RUNS=$(cat "$work/guard_runs" 2>/dev/null)
 PGOOM_VM_GUARD_BASELINE_RUNS=$(cat "$work/guard_baseline_runs" 2>/dev/null)
-export PGOOM_VM_GUARD_RUNS PGOOM_VM_GUARD_BASELINE_RUNS
+PGOOM_VM_GUARD_HOLD_S=$(cat "$work/guard_hold_s" 2>/dev/null)
+export PGOOM_VM_GUARD_RUNS PGOOM_VM_GUARD_BASELINE_RUNS PGOOM_VM_GUARD_HOLD_S
 cd "$work/src" || exit 1
 set -- --mode "$mode" --out "$results" --src "$work/src"
 [ -n "$only" ] && set -- "$@" --only "$only"
