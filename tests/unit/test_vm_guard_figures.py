@@ -59,3 +59,15 @@ def test_no_guard_line() -> None:
     assert figures["guard_actions"] == {}
     assert figures["event_to_signal_ms"] == {"n": 0}
     assert figures["guard_problems"] == ["x"]
+
+
+def test_benchmark_lines_old_and_new() -> None:
+    from scripts.vm.guest.guard import _BENCH_FIGURES
+
+    pattern = _BENCH_FIGURES["fp_actions"]
+    old = "held working set 256 of 300 MiB (85 %) for 60 s, 5 page-cache fills to the limit "
+    old += "(highest usage 300 MiB): 3747 pressure events, 0 actions, OOM kills 0"
+    new = "held working set 256 of 300 MiB (85 %) for 37.9 s, 3 page-cache fills to the limit "
+    new += "(highest usage 300 MiB): 2090 pressure events (events 2081, psi 8, start 1), "
+    new += "2 actions, OOM kills 0"
+    assert [m.group(1) for m in (pattern.search(old), pattern.search(new)) if m] == ["0", "2"]

@@ -209,7 +209,12 @@ _BENCH_FIGURES = {
         r"^guard acted before the kernel's OOM killer: (\d+)/(\d+) runs", re.M
     ),
     "false_positives": re.compile(r"^held working set (.*)$", re.M),
-    "fp_actions": re.compile(r"^held working set .*?: \d+ pressure events, (\d+) actions", re.M),
+    "fp_actions": re.compile(
+        # bench_guard may add the events by signal in parentheses after "pressure events".
+        r"^held working set .*?: \d+ pressure events(?: \([^)]*\))?, (\d+) actions",
+        re.M,
+    ),
+    "churn_cost": re.compile(r"^churn cost \(.*?\): (.*)$", re.M),
     "idle_wakeups": re.compile(r"^idle \S+ s with the guard on: (\d+) wakeups", re.M),
 }
 
