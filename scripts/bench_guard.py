@@ -162,6 +162,7 @@ def false_positives(
         step += 1
         holder.run(f"select set_config('bench.hold{step}', repeat('x', 1048576), false);")
     held = reader.sample()
+    oom_before = memcg.oom_kills()  # earlier sections' kills are theirs
     guards, loop = start_guard(memcg, pm, quiet_s)
     started_s = time.monotonic()
     cpu_before_s = loop.cpu_s()
@@ -205,7 +206,7 @@ def false_positives(
         f"{fills} page-cache fills to the limit (highest usage {highest / MIB:.0f} MiB): "
         f"{sum(events.values())} pressure events "
         f"({', '.join(f'{k} {v}' for k, v in sorted(events.items()))}), "
-        f"{len(loop.actions)} actions, OOM kills {memcg.oom_kills()}"
+        f"{len(loop.actions)} actions, OOM kills {memcg.oom_kills() - oom_before}"
     )
     print(
         f"churn cost (vmpressure quiet {quiet_s * 1000:g} ms): {loop.wakeups / elapsed_s:.1f} "
