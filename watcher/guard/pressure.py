@@ -37,8 +37,8 @@ from watcher.guard.memory import MemoryGroup
 PSI_STALL_US = 50_000
 PSI_WINDOW_US = 1_000_000
 PSI_UNPRIVILEGED_WINDOW_US = 2_000_000
-# v1 vmpressure under page-cache churn at the limit: ~260 wakeups a second, each reading the
-# working set where it was (docs/guard.md, "Wakeups under page-cache churn"). After one that
+# v1 vmpressure under page-cache churn at the limit: 215-260 wakeups a second, each reading
+# the working set where it was (docs/guard.md, "Wakeups under page-cache churn"). After one that
 # read below the threshold, the guard does not listen to it for as long as the working set
 # needs to reach the threshold growing at FASTEST_GROWTH_BYTES_PER_S, and at most this long.
 # The usage thresholds stay armed, but they do not help here: with cache holding usage at the
