@@ -6,7 +6,9 @@
 #   bash scripts/vm-test.sh [--mode short|full] [--out DIR]     (default: short, results/vm)
 # Env: PGOOM_VM_CACHE (default /var/tmp/pgoom-vm: kernel, image, wheels, reused across runs),
 #      PGOOM_VM_ACCEL=kvm|tcg (default: KVM where it boots, else TCG),
-#      PGOOM_VM_ONLY=TEXT (run only the checks whose name contains TEXT; for development).
+#      PGOOM_VM_ONLY=TEXT (run only the checks whose name contains TEXT; for development),
+#      PGOOM_VM_GUARD_RUNS=N, PGOOM_VM_GUARD_BASELINE_RUNS=N (full mode: runs per guard
+#      check, default 20, and per unguarded baseline, default 3; short mode runs 1).
 # Output: DIR/summary.json, DIR/summary.md, DIR/console.log, DIR/logs/; last line
 # "vm-test: PASS|FAIL (...)". Exit 0 every check passed, 1 a check failed or the guest did
 # not report, 2 bad usage or this host cannot run it.
@@ -20,12 +22,17 @@ while [ $# -gt 0 ]; do
     --mode=*) mode=${1#--mode=}; shift ;;
     --out) out=${2:-}; shift 2 ;;
     --out=*) out=${1#--out=}; shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "vm-test: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 case "$mode" in short|full) ;; *) echo "vm-test: --mode is short or full" >&2; exit 2 ;; esac
 [ -n "$out" ] || { echo "vm-test: --out needs a directory" >&2; exit 2; }
+for var in PGOOM_VM_GUARD_RUNS PGOOM_VM_GUARD_BASELINE_RUNS; do
+  case "${!var:-1}" in
+    *[!0-9]*|0*) echo "vm-test: $var is a number of runs, 1 or more" >&2; exit 2 ;;
+  esac
+done
 if [ "$(id -u)" -ne 0 ]; then
   echo "vm-test: run as root (debootstrap, chroot)" >&2
   exit 2
@@ -80,6 +87,8 @@ timeout 900 bash scripts/vm/wheelhouse.sh "$cache" "$stage/src" "$stage/wheels"
 rm -rf "$stage/src/build" "$stage/src/"*.egg-info
 echo "$mode" > "$stage/mode"
 printf '%s\n' "${PGOOM_VM_ONLY:-}" > "$stage/only"
+printf '%s\n' "${PGOOM_VM_GUARD_RUNS:-}" > "$stage/guard_runs"
+printf '%s\n' "${PGOOM_VM_GUARD_BASELINE_RUNS:-}" > "$stage/guard_baseline_runs"
 # Room for the suite's results and the harness's logs; sparse, so 2 GiB costs nothing.
 mkfs.ext4 -q -F -L pgoom-work -d "$stage" "$run/work.img" 2G >/dev/null
 
@@ -93,7 +102,13 @@ case "${PGOOM_VM_ACCEL:-}" in
   "") if [ -w /dev/kvm ] && [ ! -d /sys/module/kvm_pvm ]; then accels=(kvm tcg); else accels=(tcg); fi ;;
   *) echo "vm-test: PGOOM_VM_ACCEL is kvm or tcg" >&2; exit 2 ;;
 esac
-if [ "$mode" = full ]; then budget_s=5400; else budget_s=1800; fi
+if [ "$mode" = full ]; then
+  # The guard's full-mode checks (scripts/vm/guest/guard.py) cost ~3 min per run under TCG:
+  # five of N runs (four guarded cases and the benchmark), two baselines of B runs.
+  budget_s=$((5400 + (5 * ${PGOOM_VM_GUARD_RUNS:-20} + 2 * ${PGOOM_VM_GUARD_BASELINE_RUNS:-3}) * 180))
+else
+  budget_s=1800
+fi
 console="$run/console.log"
 boot_s=
 accel=

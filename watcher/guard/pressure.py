@@ -9,7 +9,10 @@ No timer and no polling while memory is fine: each source asks the kernel to wak
   kernel's OOM killer ran: the guard was too late or had no victim).
 - cgroup v2: a PSI trigger on memory.pressure (POLLPRI when tasks stalled on memory for
   longer than the trigger's budget within its window) and memory.events (POLLPRI when a
-  counter such as `max` or `oom_kill` changes).
+  counter such as `max` or `oom_kill` changes), opened twice: "events" for the counters
+  that mean pressure, "oom" when the kernel's OOM killer ran (v1's memory.oom_control).
+  Measured in the VM (docs/guard.md, cgroup v2): both wake only once usage is at
+  memory.max; nothing on v2 notifies below the limit unless memory.high is set.
 - the bare host: a PSI trigger on /proc/pressure/memory.
 
 Each wakeup is only a reason to take a Sample: the guard decides on the working set, never
@@ -31,6 +34,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from watcher.guard.memory import MemoryGroup
+from watcher.memcg import parse_flat_keyed
 
 # A PSI trigger: wake when tasks of the group were stalled on memory for STALL_US in any
 # WINDOW_US. Unprivileged writers need a window that is a multiple of 2 s; root may use 1 s.
@@ -209,17 +213,22 @@ class PsiPressure(PressureSource):
 
     def __init__(self, pressure_file: str, events_file: str = "") -> None:
         super().__init__()
+        self._seen: dict[int, tuple[int, int]] = {}  # fd -> OOM counters it last saw
+        self._events_file = events_file
         self.description = (
             f"PSI trigger some {PSI_STALL_US // 1000} ms per window on {pressure_file}"
         )
         try:
-            self.registrations.append(
-                Registration(self._trigger(pressure_file), select.EPOLLPRI, "psi")
-            )
+            psi = self._trigger(pressure_file)
+            self.registrations.append(Registration(psi, select.EPOLLPRI, "psi"))
             if events_file:
-                fd = os.open(events_file, os.O_RDONLY | os.O_CLOEXEC)
-                self.registrations.append(Registration(fd, select.EPOLLPRI, "events"))
-                self._rearm(fd)
+                # One open file per meaning: kernfs wakes every open file of memory.events
+                # on each change, and each compares the counters it last read.
+                for signal in ("events", "oom"):
+                    fd = os.open(events_file, os.O_RDONLY | os.O_CLOEXEC)
+                    self.registrations.append(Registration(fd, select.EPOLLPRI, signal))
+                    self._seen[fd] = _oom_counters(self._rearm(fd))
+                self._seen[psi] = self._oom_counters_now()
                 self.description += " + memory.events"
         except OSError as err:
             self.close()
@@ -241,16 +250,48 @@ class PsiPressure(PressureSource):
         return fd
 
     @staticmethod
-    def _rearm(fd: int) -> None:
+    def _rearm(fd: int) -> str:
         # kernfs reports POLLPRI until the file is read again from the start.
         os.lseek(fd, 0, os.SEEK_SET)
-        os.read(fd, 4096)
+        return os.read(fd, 4096).decode("ascii", "replace")
+
+    def _oom_counters_now(self) -> tuple[int, int]:
+        """memory.events read through a file of its own: reading it does not consume the
+        notification the "events" and "oom" files are waiting to report."""
+        fd = os.open(self._events_file, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return _oom_counters(os.read(fd, 4096).decode("ascii", "replace"))
+        finally:
+            os.close(fd)
 
     def drain(self, registration: Registration) -> int:
-        if registration.signal == "events":
-            self._rearm(registration.fd)
-        # A PSI trigger needs no read: the kernel clears the event when poll reports it.
-        return 1
+        fd = registration.fd
+        if fd not in self._seen:
+            # The host's PSI trigger: the kernel clears the event when poll reports it.
+            return 1
+        before = self._seen[fd]
+        try:
+            if registration.signal == "psi":
+                now = self._oom_counters_now()  # PSI itself needs no read
+            else:
+                now = _oom_counters(self._rearm(fd))
+        except OSError:
+            return 1  # the cgroup is going away: a wakeup all the same, the guard reads
+        self._seen[fd] = now
+        killed = now != before
+        if registration.signal == "oom":
+            return 1 if killed else 0
+        # The kernel's OOM killer ran since this file's last look: the stall and the `max`
+        # changes came with it, but the group's readings now are of a victim still being
+        # reaped (measured in the VM with the OOM harness's hog: the guard then terminated
+        # an idle session as "the kernel's next choice"). The "oom" registration reports it.
+        return 0 if killed else 1
+
+
+def _oom_counters(events_text: str) -> tuple[int, int]:
+    """memory.events' OOM invocations and kills (oom, oom_kill)."""
+    counters = parse_flat_keyed(events_text)
+    return counters.get("oom", 0), counters.get("oom_kill", 0)
 
 
 def open_pressure(

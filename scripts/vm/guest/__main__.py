@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from scripts.vm.guest import checks, groupkill  # noqa: F401 - registers the checks
+from scripts.vm.guest import checks, groupkill, guard  # noqa: F401 - registers the checks
 from scripts.vm.guest.registry import MODES, Context, run_checks
 
 

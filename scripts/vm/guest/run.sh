@@ -19,6 +19,10 @@ if [ $rc -ne 0 ]; then
   printf '[{"name": "install pgoom offline from the wheelhouse", "passed": false, "figures": {"exit": %s}}]\n' "$rc" > "$results/summary.json"
   exit 1
 fi
+# Runs per guard check in full mode (vm-test.sh checked they are numbers; empty: defaults).
+PGOOM_VM_GUARD_RUNS=$(cat "$work/guard_runs" 2>/dev/null)
+PGOOM_VM_GUARD_BASELINE_RUNS=$(cat "$work/guard_baseline_runs" 2>/dev/null)
+export PGOOM_VM_GUARD_RUNS PGOOM_VM_GUARD_BASELINE_RUNS
 cd "$work/src" || exit 1
 set -- --mode "$mode" --out "$results" --src "$work/src"
 [ -n "$only" ] && set -- "$@" --only "$only"

@@ -6,10 +6,12 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import shutil
+import statistics
 import subprocess
 import sys
-from typing import Optional
+from typing import Any, Optional
 
 from scripts.vm.guest.registry import Context, Failed
 from tests.support.pg import Cluster, Template, read_score, wait_for
@@ -114,27 +116,33 @@ def harness_run(
     score: int,
     group_kill: str = "auto",
     runs: int = 1,
+    guarded_runs: int = 0,
 ) -> dict[str, object]:
     """Protected runs of one scenario (`pgoom watch --score SCORE --group-kill POLICY`,
-    children 0, launcher 0) in a cgroup with memory.oom.group=OOM_GROUP. Returns the first
-    run's figures and, over all runs, how many the postmaster survived; the verdict is the
-    caller's (with keep, oom.group=1 and -900 the postmaster is expected to die)."""
+    children 0, launcher 0) in a cgroup with memory.oom.group=OOM_GROUP, then
+    `guarded_runs` with `--guard` as well (the harness's guarded mode; runs=0 for those
+    only). Returns the first group's first run and, over all its runs, how many the
+    postmaster survived, kills, crash restarts and sessions lost; with guarded runs also
+    the guard's figures (guard_figures). The verdict is the caller's (with keep,
+    oom.group=1 and -900 the postmaster is expected to die)."""
     out = ctx.log_path(name, "harness")
     argv = [
         sys.executable, "-m", "scripts.oomharness", "--mode", "short", "--out", out,
         "--scenario", scenario, "--runs", str(runs), "--baseline-runs", "0",
         "--storm-cycles", "0", "--score", str(score), "--children-score", "0",
         "--launcher-score", "0", "--oom-group", str(oom_group), "--group-kill", group_kill,
+        "--guarded-runs", str(guarded_runs),
         # Emulation (TCG) is 10-30x slower than the hardware the 2 s default was set on.
         "--recovery-limit-s", "30",
     ]  # fmt: skip
-    done = run(argv, timeout_s=600 * runs, cwd=ctx.src)
+    done = run(argv, timeout_s=600 * (runs + guarded_runs), cwd=ctx.src)
     with open(f"{out}.log", "w") as f:
         f.write(done.stdout + done.stderr)
     try:
         with open(f"{out}/oom-harness-short.json") as f:
             doc = json.load(f)
-        all_runs = doc["groups"][0]["runs"]
+        groups = doc["groups"]
+        all_runs = groups[0]["runs"]
         first = all_runs[0]
     except (OSError, ValueError, KeyError, IndexError) as err:
         tail = " | ".join((done.stdout + done.stderr).strip().splitlines()[-4:])
@@ -150,9 +158,26 @@ def harness_run(
         for role, counts in r["scores"].items()
         if role != "postmaster"
     )
+    guarded = [g for g in groups if g["mode"] == "guarded"]
+    victims_all: dict[str, int] = {}  # role -> kills over every run of the group
+    for r in all_runs:
+        for victim in r["victims"]:
+            victims_all[str(victim["role"])] = victims_all.get(str(victim["role"]), 0) + 1
     return {
         "runs": len(all_runs),
         "postmaster_survived_runs": sum(1 for r in all_runs if r["postmaster_survived"]),
+        "oom_kills_all": sum(r["oom_kills"] for r in all_runs),
+        "crash_restarts_all": sum(r["crash_restarts"] or 0 for r in all_runs),
+        "crash_restart_runs": sum(1 for r in all_runs if r["crash_restarts"]),
+        # None: the harness could not tell (a run that timed out before its sessions check).
+        "sessions_lost_max": max(
+            (r["sessions_lost"] for r in all_runs), default=None, key=_or_minus
+        ),
+        "sessions_all_lost_runs": sum(
+            1 for r in all_runs if r["sessions_open"] and r["sessions_lost"] == r["sessions_open"]
+        ),
+        "sessions_open": first["sessions_open"],
+        **(guard_figures(guarded[0]) if guarded else {}),
         "children_at_minus_1000": at_minus_1000,
         "oom_group_after": first.get("oom_group_after"),
         "rows_lost_all": sum(r["rows_expected"] - (r["rows_counted"] or 0) for r in all_runs),
@@ -160,6 +185,7 @@ def harness_run(
         "cgroup": doc["meta"].get("cgroup"),
         "oom_kills": first["oom_kills"],
         "victims": victims,
+        "victims_all": victims_all,
         "postmaster_survived": first["postmaster_survived"],
         "postmaster_adj_at_oom": first["postmaster_adj_at_oom"],
         "recovery_s": first["recovery_s"],
@@ -167,6 +193,67 @@ def harness_run(
         if first["rows_counted"] is not None
         else None,
         "scores": first["scores"],
-        "problems": first["problems"] + doc["groups"][0]["problems"],
+        "problems": [p for r in all_runs for p in r["problems"]] + groups[0]["problems"],
         "kernel": first["kernel_lines"][-2:],
+    }
+
+
+def _or_minus(value: Optional[int]) -> int:
+    return -1 if value is None else value
+
+
+# pgoom's line per guard action (watcher/guard/episode.py), as `pgoom watch --log-file`
+# writes it: the signal, the event -> signal latency and the outcome ("relieved in 4.1 ms",
+# "no relief within 1 s", ...).
+_GUARD_ACTION = re.compile(
+    # Greedy up to the line's last event_to_signal_us: the title before it is the backend's
+    # ps title, which its user controls and may carry a forged field.
+    r"guard: sent (SIG[A-Z]+) to client backend [^\n]*event_to_signal_us=(\d+): ([^\n]*)$",
+    re.M,
+)
+_RELIEVED = re.compile(r"relieved in ([\d.]+) ms")
+
+
+def _spread(values: list[float]) -> dict[str, object]:
+    if not values:
+        return {"n": 0}
+    ordered = sorted(values)
+    return {
+        "n": len(ordered),
+        "p50": round(statistics.median(ordered), 2),
+        "max": round(ordered[-1], 2),
+    }
+
+
+def guard_figures(group: dict[str, Any]) -> dict[str, object]:
+    """The guard's figures over one guarded group of the harness: its actions by signal and
+    outcome, the runs in which it acted and the kernel killed nothing, and its latencies
+    from pgoom's own log lines (event -> signal, signal -> relief)."""
+    actions: dict[str, int] = {}
+    event_ms: list[float] = []
+    relief_ms: list[float] = []
+    for match in _GUARD_ACTION.finditer(group.get("watcher_log") or ""):
+        signal, event_us, outcome = match.groups()
+        relief = _RELIEVED.fullmatch(outcome)
+        key = f"{signal} {'relieved' if relief else outcome}"
+        actions[key] = actions.get(key, 0) + 1
+        event_ms.append(int(event_us) / 1000)
+        if relief:
+            relief_ms.append(float(relief.group(1)))
+    runs = group["runs"]
+    return {
+        "guarded_runs": len(runs),
+        "guard_actions": actions,
+        "guard_acted_runs": sum(1 for r in runs if r["guard_actions"]),
+        "guard_first_runs": sum(1 for r in runs if r["guard_first"]),
+        "guard_oom_kills": sum(r["oom_kills"] for r in runs),
+        "guard_crash_restarts": sum(r["crash_restarts"] or 0 for r in runs),
+        "guard_sessions_lost_max": max(
+            (r["sessions_lost"] for r in runs), default=None, key=_or_minus
+        ),
+        "guard_rows_lost": sum(r["rows_expected"] - (r["rows_counted"] or 0) for r in runs),
+        "guard_postmaster_survived_runs": sum(1 for r in runs if r["postmaster_survived"]),
+        "event_to_signal_ms": _spread(event_ms),
+        "signal_to_relief_ms": _spread(relief_ms),
+        "guard_problems": [p for r in runs for p in r["problems"]] + group["problems"],
     }
