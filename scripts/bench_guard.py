@@ -238,7 +238,7 @@ def false_positives(
         step += 1
         holder.run(f"select set_config('bench.hold{step}', repeat('x', 1048576), false);")
     held = reader.sample()
-    oom_before = memcg.oom_kills()
+    oom_before = memcg.oom_kills()  # earlier sections' kills are theirs
     guards, loop = start_guard(memcg, pm, quiet_s)
     started_s = time.monotonic()
     cpu_before_s = loop.cpu_s()

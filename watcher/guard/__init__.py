@@ -39,6 +39,7 @@ from watcher.guard.pressure import (
     PressureUnavailable,
     Quiet,
     Registration,
+    next_sample_in_s,
     open_pressure,
     quiet_for_s,
 )
@@ -56,6 +57,7 @@ class _Entry:
     group: MemoryGroup
     source: PressureSource
     guard: Guard
+    sample_due_s: Optional[float] = None  # cgroup v2: the next paced reading
 
 
 @dataclass
@@ -142,6 +144,7 @@ class Guards:
         guard.last_sample = first
         entry = _Entry(pid, start_ticks, group, source, guard)
         self.entries[pid] = entry
+        self._pace(entry)
         for registration in source.registrations:
             self._epoll.register(registration.fd, registration.mask)
             self._by_fd[registration.fd] = (entry, registration)
@@ -256,8 +259,20 @@ class Guards:
         if entry.source.drain(registration):
             self._take(entry, registration, now_ns)
 
+    def _pace(self, entry: _Entry) -> None:
+        """cgroup v2 only: when to read the group next (pressure.next_sample_in_s)."""
+        sample = entry.guard.last_sample
+        if entry.group.version != 2 or sample is None or sample.limit_bytes is None:
+            entry.sample_due_s = None
+            return
+        threshold = self.settings.threshold_bytes(sample.limit_bytes)
+        entry.sample_due_s = self._clock_ns() / 1e9 + next_sample_in_s(
+            sample.working_set_bytes, threshold
+        )
+
     def deadline_s(self) -> Optional[float]:
         deadlines = [d for e in self.entries.values() if (d := e.guard.deadline_s()) is not None]
+        deadlines += [e.sample_due_s for e in self.entries.values() if e.sample_due_s is not None]
         quiet = self._quiet.deadline_s()
         if quiet is not None:
             deadlines.append(quiet)
@@ -271,6 +286,10 @@ class Guards:
             deadline = entry.guard.deadline_s()
             if deadline is not None and now_s >= deadline:
                 entry.guard.on_timer()
+            due = entry.sample_due_s
+            if due is not None and now_s >= due:
+                entry.guard.on_sample(int(now_s * 1e9))
+                self._pace(entry)
         self.publish()
 
     def status(self) -> list[dict[str, Any]]:

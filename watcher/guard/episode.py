@@ -195,6 +195,17 @@ class Guard:
         self._episode_pids = set()
         self._decide(event_ns, 0)
 
+    def on_sample(self, now_ns: int) -> None:
+        """A reading the guard took itself (cgroup v2's paced sampler): pressure only if the
+        working set is at the threshold, and then handled as a notification would be."""
+        if self.state != WATCHING:
+            return  # acting or observing reads on its own timer; cooldown only counts
+        sample = self._read()
+        if sample is None or sample.limit_bytes is None:
+            return
+        if sample.working_set_bytes >= self.settings.threshold_bytes(sample.limit_bytes):
+            self.on_pressure("sample", now_ns)
+
     def deadline_s(self) -> Optional[float]:
         """The monotonic time (s) the guard wants on_timer() called; None: no timer."""
         return self._next_check_s if self.state in (ACTING, OBSERVING) else None

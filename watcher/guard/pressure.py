@@ -41,8 +41,8 @@ from watcher.memcg import parse_flat_keyed
 PSI_STALL_US = 50_000
 PSI_WINDOW_US = 1_000_000
 PSI_UNPRIVILEGED_WINDOW_US = 2_000_000
-# v1 vmpressure under page-cache churn at the limit: ~260 wakeups a second, each reading the
-# working set where it was (docs/guard.md, "Wakeups under page-cache churn"). After one that
+# v1 vmpressure under page-cache churn at the limit: 215-260 wakeups a second, each reading
+# the working set where it was (docs/guard.md, "Wakeups under page-cache churn"). After one that
 # read below the threshold, the guard does not listen to it for as long as the working set
 # needs to reach the threshold growing at FASTEST_GROWTH_BYTES_PER_S, and at most this long.
 # The usage thresholds stay armed, but they do not help here: with cache holding usage at the
@@ -53,6 +53,28 @@ VMPRESSURE_QUIET_S = 0.05
 # Twice the fastest growth measured here: a runaway array_agg under page-cache churn grew the
 # working set by up to 500 MB/s over 10 ms (260 MB/s over 50 ms).
 FASTEST_GROWTH_BYTES_PER_S = 1 << 30
+# cgroup v2 has no usage threshold, and its PSI and memory.events wake the guard only once
+# usage is at memory.max (measured in the VM: every decision at 298-300 of 300 MiB, and with
+# ~50 backends in the group the kernel's reclaim at the limit ended before the guard could
+# choose). So on v2 the guard also reads the group itself, paced by the headroom: the next
+# reading comes before the working set could reach the threshold growing at
+# FASTEST_GROWTH_BYTES_PER_S, at least this often and at most this often. The cost while
+# memory is fine is that many wakeups (docs/guard.md, "cgroup v2").
+V2_SAMPLE_LONGEST_S = 1.0
+V2_SAMPLE_SHORTEST_S = 0.01
+
+
+def next_sample_in_s(working_set_bytes: int, threshold_bytes: int) -> float:
+    """When a v2 group is read next after a reading of `working_set_bytes`. At or above the
+    threshold the guard has just decided (or found nothing it may stop): the kernel's own
+    notifications cover the limit, and a decision every few milliseconds would read every
+    task of the group again each time."""
+    if working_set_bytes >= threshold_bytes:
+        return V2_SAMPLE_LONGEST_S
+    return max(
+        V2_SAMPLE_SHORTEST_S,
+        quiet_for_s(working_set_bytes, threshold_bytes, V2_SAMPLE_LONGEST_S),
+    )
 
 
 class PressureUnavailable(RuntimeError):
