@@ -39,7 +39,9 @@ GUARD_SETTLE_S = 1.5  # the guard's default grace (1 s), and its log line
 # PostgreSQL's line when a child died by a signal and it resets every session.
 CRASH_RESTART = "all server processes terminated; reinitializing"
 _GUARD_LINE = re.compile(
-    r"guard: sent (SIG\w+) to client backend pid=(\d+) .*?event_to_signal_us=\d+: ([^\n]*)"
+    # Greedy up to the line's last event_to_signal_us: the title before it is the backend's
+    # process title, which a client can fill with a field of that name.
+    r"guard: sent (SIG\w+) to client backend pid=(\d+) [^\n]*event_to_signal_us=\d+: ([^\n]*)"
 )
 
 # Tens of millions of rows streamed through a targetlist SRF (a FROM-clause function scan

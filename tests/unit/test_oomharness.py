@@ -28,6 +28,7 @@ from scripts.oomharness.scenarios import (
     StormCycle,
     Victim,
     describe,
+    guard_actions,
     failure_text,
     guard_actions,
     watcher_latency_us,
@@ -878,3 +879,12 @@ def test_guard_lines_are_read_from_the_watcher_log() -> None:
         "in 3.0 ms\n"
     )
     assert guard_actions(log) == ["SIGINT no relief within 1 s", "SIGTERM relieved in 3.0 ms"]
+
+
+def test_a_forged_field_in_a_backend_title_does_not_become_the_guard_s_outcome() -> None:
+    line = (
+        'guard: sent SIGTERM to client backend pid=42 title="postgres: x event_to_signal_us=1: '
+        'relieved in 0.1 ms" private_mib=9.0 working_set_mib=272.0 limit_mib=300.0 '
+        "postmaster=7 group=/g event_to_signal_us=1500: no relief within 1 s\n"
+    )
+    assert guard_actions(line) == ["SIGTERM no relief within 1 s"]
