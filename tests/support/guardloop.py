@@ -1,6 +1,6 @@
 """What an event loop does with watcher.guard.Guards, in a thread: one fd in an epoll, one
 deadline, and a count of wakeups (for the idle figure). Used by the integration tests and
-scripts/bench_guard.py, which drive the guard in-process on a real memory cgroup."""
+scripts/benchmarks/guard.py, which drive the guard in-process on a real memory cgroup."""
 
 from __future__ import annotations
 

@@ -28,7 +28,6 @@ from scripts.oomharness.scenarios import (
     StormCycle,
     Victim,
     describe,
-    guard_actions,
     failure_text,
     guard_actions,
     watcher_latency_us,

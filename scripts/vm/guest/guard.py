@@ -197,7 +197,7 @@ def unguarded_many_backends(ctx: Context) -> Figures:
     return _unguarded(ctx, "guard-baseline-many-backends", MANY_BACKENDS)
 
 
-# --- the benchmark (scripts/bench_guard.py) on cgroup v2 -------------------------------------
+# --- the benchmark (scripts/benchmarks/guard.py) on cgroup v2 -------------------------------------
 
 _BENCH_FIGURES = {
     "cgroup": re.compile(r"^(cgroup v\d \S+)", re.M),
@@ -210,7 +210,7 @@ _BENCH_FIGURES = {
     ),
     "false_positives": re.compile(r"^held working set (.*)$", re.M),
     "fp_actions": re.compile(
-        # bench_guard may add the events by signal in parentheses after "pressure events".
+        # The guard benchmark may add the events by signal in parentheses after "pressure events".
         r"^held working set .*?: \d+ pressure events(?: \([^)]*\))?, (\d+) actions",
         re.M,
     ),
@@ -224,14 +224,14 @@ _BENCH_FIGURES = {
     modes=("full",),
 )
 def guard_benchmark(ctx: Context) -> Figures:
-    """scripts/bench_guard.py on a v2 memcg, small: its printed figures become this check's
+    """scripts/benchmarks/guard.py on a v2 memcg, small: its printed figures become this check's
     (docs/benchmarks.md's cgroup v2 row). Asserts the issue's goals: the guard acted first
     in every run, no action while ~85 % is held under page-cache fills, 0 idle wakeups."""
     runs = guarded_runs(ctx)
     hold_s = os.environ.get("PGOOM_VM_GUARD_HOLD_S", "").strip() or "60"
     argv = [
         sys.executable,
-        "scripts/bench_guard.py",
+        "scripts/benchmarks/guard.py",
         "--runs",
         str(runs),
         "--hold-s",
@@ -254,7 +254,7 @@ def guard_benchmark(ctx: Context) -> Figures:
         if found:
             figures[key] = found.group(1) if key != "acted_first" else found.group(0)
     acted = _BENCH_FIGURES["acted_first"].search(done.stdout)
-    expect(done.returncode == 0, f"bench_guard exit {done.returncode}", **figures)
+    expect(done.returncode == 0, f"benchmarks/guard.py exit {done.returncode}", **figures)
     expect(
         acted is not None and acted.group(1) == acted.group(2) == str(runs),
         "the guard did not act first in every run",

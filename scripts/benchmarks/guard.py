@@ -1,7 +1,7 @@
 """The guard's figures on the real kernel: a cgroup v1 (or v2) memory cgroup, PostgreSQL in
 it, the guard (watcher.guard.Guards, the code `pgoom watch --guard` runs) in-process.
 
-    flock /var/lock/pgoom-itest.lock .venv/bin/python scripts/bench_guard.py \
+    flock /var/lock/pgoom-itest.lock .venv/bin/python scripts/benchmarks/guard.py \
         [--runs 20] [--churn-runs 10] [--hold-s 120] [--idle-s 20] [--limit-mb 300] \
         [--vmpressure-quiet-ms 50]
 
@@ -36,7 +36,7 @@ import threading
 import time
 from typing import Any, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from scripts.oomharness.cgroup import MemoryCgroup, enter
 from scripts.oomharness.pgcluster import HarnessCluster, Session
