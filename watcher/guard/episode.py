@@ -36,8 +36,8 @@ from watcher.guard.victim import (
     Candidate,
     Child,
     Member,
+    above_floor,
     candidates,
-    choose,
     fastest_growing,
     kernel_choice,
 )
@@ -99,6 +99,14 @@ class GuardSettings:
 
     def threshold_bytes(self, limit_bytes: int) -> int:
         return int(limit_bytes * self.threshold_pct / 100.0)
+
+    def at_threshold(self, sample: Optional[Sample]) -> bool:
+        """A reading of a limited group whose working set has reached the threshold."""
+        return (
+            sample is not None
+            and sample.limit_bytes is not None
+            and sample.working_set_bytes >= self.threshold_bytes(sample.limit_bytes)
+        )
 
     def relief_bytes(self, limit_bytes: int) -> int:
         return int(limit_bytes * max(0.0, self.threshold_pct - self.relief_margin_pct) / 100.0)
@@ -200,10 +208,7 @@ class Guard:
         working set is at the threshold, and then handled as a notification would be."""
         if self.state != WATCHING:
             return  # acting or observing reads on its own timer; cooldown only counts
-        sample = self._read()
-        if sample is None or sample.limit_bytes is None:
-            return
-        if sample.working_set_bytes >= self.settings.threshold_bytes(sample.limit_bytes):
+        if self.settings.at_threshold(self._read()):
             self.on_pressure("sample", now_ns)
 
     def deadline_s(self) -> Optional[float]:
@@ -252,7 +257,7 @@ class Guard:
             self.state = WATCHING
             if act.victims < self.settings.max_victims:
                 self._decide(act.event_ns, act.victims)
-            if self.state != ACTING and self._still_high():
+            if self.state != ACTING and self.settings.at_threshold(self.last_sample):
                 self._cool_down(now_ns)  # no one left to stop, or not PostgreSQL's to stop
             return
         if now_ns / 1e9 < act.grace_until_s:
@@ -276,19 +281,17 @@ class Guard:
         """Choose and signal the next victim of this episode (`victims` so far), or say once
         why there is none."""
         sample = self._read()
-        if sample is None or sample.limit_bytes is None:
-            return
-        threshold = self.settings.threshold_bytes(sample.limit_bytes)
-        if sample.working_set_bytes < threshold:
+        limit = None if sample is None else sample.limit_bytes
+        if sample is None or limit is None or not self.settings.at_threshold(sample):
             # Page cache, or a v1 threshold crossed on the way down: not pressure.
             self._quiet_logged = False
             return
         children = self._children()
-        floor = self.settings.floor_bytes
-        eligible = [c for c in children if c.pid not in self._episode_pids]
-        candidate = choose(eligible, floor)
+        # One ranking for both questions (the largest above the floor, the running ones).
+        ranked = candidates([c for c in children if c.pid not in self._episode_pids])
+        candidate = above_floor(ranked, self.settings.floor_bytes)
         # Running queries (not idle): one of them may be what is growing.
-        running = {c.pid: c.private_bytes for c in candidates(eligible) if not c.idle}
+        running = {c.pid: c.private_bytes for c in ranked if not c.idle}
         if candidate is None and not running:
             self._no_victim(sample)
             return
@@ -305,11 +308,11 @@ class Guard:
                 "waiting for its memory to come back",
                 self.group_name,
                 sample.working_set_bytes / MIB,
-                sample.limit_bytes / MIB,
+                limit / MIB,
                 dying.pid,
             )
             return
-        chosen = kernel_choice(members, sample.limit_bytes)
+        chosen = kernel_choice(members, limit)
         postgres = {self.postmaster_pid, *(c.pid for c in children)}
         if chosen is not None and chosen.pid not in postgres and not self._group_kill():
             # An OOM kill here costs PostgreSQL nothing: stopping a session would only lose
@@ -321,13 +324,13 @@ class Guard:
                 "would take pid {}, which is not PostgreSQL: left to the kernel",
                 self.group_name,
                 sample.working_set_bytes / MIB,
-                sample.limit_bytes / MIB,
+                limit / MIB,
                 chosen.pid,
             )
             return
         # Reading the group took a while under pressure: decide on a reading taken after it.
         sample = self._read() or sample
-        if sample.limit_bytes is None or sample.working_set_bytes < threshold:
+        if not self.settings.at_threshold(sample):
             return
         if candidate is not None and not candidate.idle:
             self._signal(candidate, signal.SIGINT, event_ns, sample, victims + 1)
@@ -366,9 +369,7 @@ class Guard:
         if observe is None:
             return
         sample = self._read()
-        if sample is None or sample.limit_bytes is None:
-            return
-        if sample.working_set_bytes < self.settings.threshold_bytes(sample.limit_bytes):
+        if sample is None or not self.settings.at_threshold(sample):
             return  # it went away on its own (the query ended)
         children = [c for c in self._children() if c.pid not in self._episode_pids]
         grower = fastest_growing(observe.before, children, self.settings.min_growth_bytes)
@@ -500,12 +501,6 @@ class Guard:
         self._act = None
         self._next_check_s = None
         self._cooldown_until_s = now_ns / 1e9 + self.settings.cooldown_s
-
-    def _still_high(self) -> bool:
-        latest = self.last_sample
-        if latest is None or latest.limit_bytes is None:
-            return False
-        return latest.working_set_bytes >= self.settings.threshold_bytes(latest.limit_bytes)
 
     def _released(self, act: _Act) -> bool:
         """The victim has given its memory back: it exited, or its private memory fell to

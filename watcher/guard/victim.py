@@ -164,13 +164,17 @@ def candidates(children: list[Child]) -> list[Candidate]:
     ]
 
 
+def above_floor(ranked: list[Candidate], floor_bytes: int) -> Optional[Candidate]:
+    """The first of `candidates()`'s ranking if it holds more than `floor_bytes`."""
+    if not ranked or ranked[0].private_bytes <= floor_bytes:
+        return None
+    return ranked[0]
+
+
 def choose(children: list[Child], floor_bytes: int) -> Optional[Candidate]:
     """The client backend with the most private memory (its parallel workers' included),
     if above `floor_bytes`; None when no client backend qualifies."""
-    found = candidates(children)
-    if not found or found[0].private_bytes <= floor_bytes:
-        return None
-    return found[0]
+    return above_floor(candidates(children), floor_bytes)
 
 
 def fastest_growing(
