@@ -14,7 +14,7 @@ from loguru import logger
 
 from scripts.oomharness.cgroup import MemoryCgroup
 from scripts.oomharness.pgcluster import HarnessCluster, Session
-from tests.support.guardloop import GuardLoop
+from tests.support.guardloop import GuardLoop, v1_memcg
 from tests.support.pg import Template, alive, wait_for
 from watcher.guard import Guards, GuardSettings
 from watcher.guard.children import read_children, read_members
@@ -37,12 +37,7 @@ SESSION_HOG = (
 
 @pytest.fixture
 def memcg() -> Iterator[MemoryCgroup]:
-    group = MemoryCgroup(LIMIT_BYTES, prefix="pgoom-guard-test")
-    if group.version != 1:
-        group.remove()
-        pytest.skip("this test is for cgroup v1; cgroup v2 runs in the VM test bed")
-    yield group
-    group.remove()
+    yield from v1_memcg(LIMIT_BYTES, "pgoom-guard-test")
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import pytest
 
 from scripts.oomharness.cgroup import MemoryCgroup
 from scripts.oomharness.pgcluster import HarnessCluster, Session
+from tests.support.guardloop import v1_memcg
 from tests.support.pg import Template, alive, read_score, wait_for
 from tests.support.watcher import Watcher
 
@@ -20,12 +21,7 @@ BIG_QUERY = "select array_length(array_agg(g), 1) from (select generate_series(1
 
 @pytest.fixture
 def memcg() -> Iterator[MemoryCgroup]:
-    group = MemoryCgroup(300 << 20, prefix="pgoom-guard-watch")
-    if group.version != 1:
-        group.remove()
-        pytest.skip("cgroup v1 here; cgroup v2 runs in the VM test bed")
-    yield group
-    group.remove()
+    yield from v1_memcg(300 << 20, "pgoom-guard-watch")
 
 
 @pytest.fixture

@@ -8,8 +8,10 @@ import os
 import select
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any, Callable, Optional
 
+from scripts.oomharness.cgroup import MemoryCgroup
 from watcher.guard import Guards
 
 
@@ -52,3 +54,16 @@ class GuardLoop:
         self._thread.join(10)
         os.close(self._stop_r)
         os.close(self._stop_w)
+
+
+def v1_memcg(limit_bytes: int, prefix: str) -> Iterator[MemoryCgroup]:
+    """A fresh cgroup v1 memory cgroup for a guard test, removed after it; the test is
+    skipped on cgroup v2 (the VM test bed's guest runs the v2 side)."""
+    import pytest
+
+    group = MemoryCgroup(limit_bytes, prefix=prefix)
+    if group.version != 1:
+        group.remove()
+        pytest.skip("cgroup v1 here; cgroup v2 runs in the VM test bed")
+    yield group
+    group.remove()
